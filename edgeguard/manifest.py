@@ -1,0 +1,88 @@
+"""manifest.json: what a converted model folder holds, with sizes and sha256 of every file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeguard.errors import IntegrityError, ModelError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path, **extra) -> dict:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path), **extra}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    kind: str  # "gen" | "stream"
+    architecture: str
+    source: dict
+    context_length: int
+    hidden_size: int
+    quants: tuple[str, ...]
+    labels: dict
+    files: dict = field(default_factory=dict)  # file name -> {size, sha256, role, quant?}
+    format: int = FORMAT
+
+    def write(self, folder: Path) -> None:
+        data = asdict(self)
+        data["quants"] = list(self.quants)
+        tmp = folder / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / MANIFEST_NAME)
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["quants"] = tuple(data["quants"])
+            if data.get("format") != FORMAT:
+                raise ModelError(f"{path}: manifest format {data.get('format')} is not supported (need {FORMAT})")
+            return cls(**data)
+        except FileNotFoundError as e:
+            raise ModelError(f"{folder}: no {MANIFEST_NAME} (not a converted edgeguard model)") from e
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ModelError(f"{path}: unreadable manifest ({e})") from e
+
+    def file_for(self, role: str, quant: str | None = None) -> str:
+        for fname, entry in self.files.items():
+            if entry.get("role") == role and (quant is None or entry.get("quant") == quant):
+                return fname
+        wanted = f"{role} ({quant})" if quant else role
+        have = ", ".join(self.quants)
+        raise ModelError(f"model {self.name} has no {wanted} file (quants: {have})")
+
+    def check_sizes(self, folder: Path, names: list[str]) -> None:
+        """Cheap load-time check: every needed file exists with its recorded size."""
+        for fname in names:
+            path = Path(folder) / fname
+            expected = self.files[fname]["size"]
+            actual = path.stat().st_size if path.exists() else None
+            if actual != expected:
+                state = "missing" if actual is None else f"{actual} bytes, expected {expected}"
+                raise IntegrityError(f"{path}: {state} (corrupted or incomplete; convert or pull the model again)")
+
+    def verify(self, folder: Path) -> list[str]:
+        """Full check of every file's sha256; returns the names of bad files."""
+        bad = []
+        for fname, entry in self.files.items():
+            path = Path(folder) / fname
+            if not path.exists() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+                bad.append(fname)
+        return bad
