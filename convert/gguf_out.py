@@ -94,10 +94,11 @@ def _add_tokenizer(w: GGUFWriter, tok: TokenizerData) -> None:
 def _add_dummy_tokenizer(w: GGUFWriter) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
-    w.add_token_list([f"<dummy{i}>" for i in range(DUMMY_VOCAB)])
-    w.add_token_types([int(TokenType.CONTROL)] * DUMMY_VOCAB)
-    w.add_token_merges([])
-    w.add_eos_token_id(0)
+    # llama.cpp requires a non-empty merge list for a BPE vocabulary
+    w.add_token_list(["a", "b", "ab"] + [f"<dummy{i}>" for i in range(3, DUMMY_VOCAB)])
+    w.add_token_types([int(TokenType.NORMAL)] * 3 + [int(TokenType.CONTROL)] * (DUMMY_VOCAB - 3))
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(DUMMY_VOCAB - 1)
     w.add_add_bos_token(False)
 
 

@@ -30,7 +30,7 @@ def parse_quants(text: str | None) -> tuple[str, ...]:
     quants = tuple(dict.fromkeys(q.strip().lower() for q in text.split(",") if q.strip()))
     unknown = [q for q in quants if q not in QUANTS]
     if unknown or not quants:
-        raise UsageError(f"unknown quant {', '.join(unknown) or text!r} (known: {', '.join(QUANTS)})")
+        raise UsageError(f"unknown quant {', '.join(unknown) or repr(text)} (known: {', '.join(QUANTS)})")
     return quants
 
 

@@ -1,0 +1,182 @@
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from edgeguard import registry
+from edgeguard.errors import UsageError
+from edgeguard.registry import ModelSpec, default_model, load_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "419364a715de9840d47b1457982f64ff37f90ed4"
+
+
+@pytest.fixture(autouse=True)
+def no_user_file(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDGEGUARD_MODELS", raising=False)
+    monkeypatch.setattr(registry, "config_dir", lambda: tmp_path / "config")
+
+
+def spec(**overrides):
+    args = dict(name="m", kind="gen", repo="Qwen/X", revision=COMMIT,
+                files=["config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json"],
+                default_quant="q4_k_m", context_length=8192, license="Apache-2.0")
+    args.update(overrides)
+    return ModelSpec(**args)
+
+
+def test_packaged_registry():
+    models = load_registry()
+    gen, stream = models["gen-0.6b"], models["stream-0.6b"]
+    assert (gen.kind, gen.repo) == ("gen", "Qwen/Qwen3Guard-Gen-0.6B")
+    assert (stream.kind, stream.repo, stream.revision) == (
+        "stream", "Qwen/Qwen3Guard-Stream-0.6B", COMMIT)
+    assert stream.pinned
+    for model in (gen, stream):
+        assert model.default_quant == "q4_k_m" and model.context_length == 8192
+        assert model.license == "Apache-2.0" and model.description
+        assert {"config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json"} <= set(model.files)
+    assert default_model() is not None and default_model().name == "gen-0.6b"
+    assert default_model("stream").name == "stream-0.6b"
+    with pytest.raises(UsageError):
+        default_model("classifier")
+
+
+def test_package_carries_the_file_through_a_relative_symlink():
+    link = ROOT / "edgeguard" / "models.toml"
+    assert link.is_symlink() and os.readlink(link) == "../models.toml"
+    assert registry.packaged_registry_path().resolve() == (ROOT / "models.toml").resolve()
+
+
+def test_spec_is_frozen_and_normalized():
+    s = spec(files=["config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json"], sha256={"config.json": "A" * 64})
+    assert isinstance(s.files, tuple)
+    assert s.sha256 == {"config.json": "a" * 64}
+    with pytest.raises(TypeError):
+        s.sha256["config.json"] = "b" * 64
+    with pytest.raises(Exception):
+        s.revision = "main"
+    assert pickle.loads(pickle.dumps(s)) == s
+    assert not spec(revision="main").pinned
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(name="Gen Model"), "name"),
+        (dict(kind="classifier"), "kind"),
+        (dict(repo="no-owner"), "repo"),
+        (dict(revision=""), "revision"),
+        (dict(files=["config.json", "tokenizer.json", "tokenizer_config.json"]), "files"),
+        (dict(files=["config.json", "model.safetensors", "tokenizer.json"]), "files"),
+        (dict(files=["../config.json"]), "files"),
+        (dict(files="config.json"), "files"),
+        (dict(default_quant="q3"), "default_quant"),
+        (dict(context_length=0), "context_length"),
+        (dict(context_length=True), "context_length"),
+        (dict(license=""), "license"),
+        (dict(sha256={"README.md": "a" * 64}), "sha256"),
+        (dict(sha256={"config.json": "abc"}), "sha256"),
+    ],
+)
+def test_spec_validation_names_the_field(overrides, field):
+    with pytest.raises(UsageError, match=field):
+        spec(**overrides)
+
+
+USER = f"""
+["gen-0.6b"]
+kind = "gen"
+repo = "Me/My-Gen"
+revision = "{"b" * 40}"
+files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+default_quant = "q8_0"
+context_length = 4096
+license = "MIT"
+
+[mine]
+kind = "stream"
+repo = "Me/My-Stream"
+revision = "{COMMIT}"
+files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+default_quant = "f16"
+context_length = 2048
+license = "Apache-2.0"
+description = "mine"
+[mine.sha256]
+"config.json" = "{"c" * 64}"
+"""
+
+
+def test_user_file_overrides_and_adds(tmp_path, monkeypatch):
+    user = tmp_path / "user.toml"
+    user.write_text(USER)
+    monkeypatch.setenv("EDGEGUARD_MODELS", str(user))
+    models = load_registry()
+    assert models["gen-0.6b"].repo == "Me/My-Gen"  # replaced as a whole
+    assert models["gen-0.6b"].description == ""
+    assert models["mine"].sha256 == {"config.json": "c" * 64}
+    assert models["stream-0.6b"].revision == COMMIT  # untouched
+    assert default_model("gen", models).repo == "Me/My-Gen"
+
+
+def test_user_file_in_config_dir(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "models.toml").write_text(USER)
+    assert "mine" in load_registry()
+
+
+def test_missing_env_file_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEGUARD_MODELS", str(tmp_path / "nope.toml"))
+    with pytest.raises(UsageError, match="nope.toml"):
+        load_registry()
+
+
+def test_explicit_paths(tmp_path):
+    user = tmp_path / "user.toml"
+    user.write_text(USER)
+    assert set(load_registry([user])) == {"gen-0.6b", "mine"}
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[a\n", ["malformed TOML"]),
+        ('a = 1\n', ["[a]", "table"]),
+        (USER.replace('license = "MIT"', 'licence = "MIT"'), ["[gen-0.6b]", "'licence'"]),
+        (USER.replace('context_length = 2048\n', ''), ["[mine]", "'context_length'"]),
+        (USER.replace('"f16"', '"q2"'), ["[mine]", "default_quant", "'q2'"]),
+        (USER.replace('kind = "stream"', 'kind = "guard"'), ["[mine]", "kind"]),
+    ],
+)
+def test_file_errors_name_file_entry_and_field(tmp_path, text, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_registry([path])
+    message = str(info.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_sha256_digest_must_be_hex(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(USER.replace("c" * 64, "xyz"))
+    with pytest.raises(UsageError, match=r"bad.toml: \[mine\] .*sha256"):
+        load_registry([path])
+
+
+def test_default_of_wrong_kind(tmp_path):
+    path = tmp_path / "user.toml"
+    path.write_text(USER.replace("[mine]", '["stream-0.6b"]').replace("[mine.sha256]",
+                                                                      '["stream-0.6b".sha256]'))
+    models = load_registry([registry.packaged_registry_path(), path])
+    assert default_model("stream", models).repo == "Me/My-Stream"
+    models = load_registry([path])
+    with pytest.raises(UsageError, match="unknown model 'stream-0.6b'|kind"):
+        default_model("gen", {"gen-0.6b": models["stream-0.6b"]})
