@@ -7,13 +7,14 @@ Results go to stdout; progress and messages to stderr.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from edgeguard.errors import EdgeguardError
+from edgeguard.errors import EdgeguardError, UsageError
 
 log = logging.getLogger("edgeguard")
 
@@ -88,3 +89,101 @@ def convert(src: str, out: Path, quant: str | None, name: str | None, revision: 
 def _looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+# -- shared options ------------------------------------------------------------------------
+def _read_text(value: str, what: str) -> str:
+    """TEXT or '-' for stdin; bytes must be valid UTF-8 and the text not empty."""
+    if value == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{what} from stdin is not valid UTF-8 (byte {e.start})") from e
+    elif any(0xDC80 <= ord(c) <= 0xDCFF for c in value):  # undecodable argv bytes
+        raise UsageError(f"{what} is not valid UTF-8")
+    if "\x00" in value:
+        raise UsageError(f"{what} contains NUL bytes (binary input?)")
+    if not value.strip():
+        raise UsageError(f"{what} is empty")
+    return value
+
+
+def model_options(fn):
+    fn = click.option("--model", "model", default=None,
+                      help="Registry name, converted folder or HF checkpoint folder (default: the registry's default).")(fn)
+    fn = click.option("--quant", default=None, help="Which quant of the model to load (default q4_k_m when present).")(fn)
+    fn = click.option("--offline", is_flag=True, default=None, help="Never use the network.")(fn)
+    fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all).")(fn)
+    return fn
+
+
+def _load(model, quant, engine, policy, offline, threads):
+    from edgeguard.loader import load
+
+    verbose = logging.getLogger("edgeguard").isEnabledFor(logging.DEBUG)
+    return load(model, quant, engine=engine, policy=policy, offline=offline, progress=_progress,
+                n_threads=threads, verbose=verbose)
+
+
+def _summary(verdict) -> str:
+    cats = ", ".join(verdict.categories) or "no category"
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in verdict.scores.items())
+    line = f"{verdict.label} ({cats})  [{scores}]"
+    if verdict.refusal is not None:
+        line += f"  refusal: {verdict.refusal}"
+    return line + ("  -> flagged" if verdict.flagged else "") + f" under {verdict.policy}"
+
+
+# -- check / scan --------------------------------------------------------------------------
+@main.command()
+@click.argument("text")
+@click.option("--response", default=None, help="The assistant's response to judge ('-' reads stdin).")
+@click.option("--engine", type=click.Choice(["gen", "stream"]), default=None, help="Engine (default: by the model's kind).")
+@click.option("--policy", default="strict", show_default=True, help="strict, loose or a policy TOML file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON object.")
+@click.option("--generate", is_flag=True, help="Gen only: decode the verdict text greedily (the official way).")
+@model_options
+@handle_errors
+def check(text, response, engine, policy, as_json, generate, model, quant, offline, threads):
+    """Judge TEXT (a prompt; with --response, the response to it). TEXT '-' reads stdin.
+
+    Exit status: 0 not flagged, 1 flagged, 2 usage error, 3 model or runtime error.
+    """
+    if text == "-" and response == "-":
+        raise UsageError("only one of TEXT and --response can read stdin")
+    prompt = _read_text(text, "TEXT")
+    response = None if response is None else _read_text(response, "--response")
+    if engine == "stream" and response is not None:
+        raise UsageError("--engine stream checks prompts; use `edgeguard stream` for responses")
+    with _load(model, quant, engine, policy, offline, threads) as guard:
+        if generate:
+            if guard.engine != "gen":
+                raise UsageError("--generate needs a Gen model")
+            generated = guard.generate(prompt, response)
+            click.echo(json.dumps({"text": generated}, ensure_ascii=False) if as_json else generated)
+            return
+        verdict = guard.check(prompt, response) if response is not None else guard.check(prompt)
+    click.echo(json.dumps(verdict.to_dict(), ensure_ascii=False) if as_json else _summary(verdict))
+    sys.exit(1 if verdict.flagged else 0)
+
+
+@main.command()
+@click.argument("infile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--engine", type=click.Choice(["gen", "stream"]), default=None)
+@click.option("--policy", default="strict", show_default=True)
+@model_options
+@handle_errors
+def scan(infile, outfile, engine, policy, model, quant, offline, threads):
+    """Check every line of IN.jsonl ({"prompt", "response"?, "id"?}) into OUT.jsonl.
+
+    Results are written as they are produced; rerunning an interrupted scan resumes after the
+    last complete output line. Malformed lines get an {"error": ...} line and a warning.
+    """
+    from edgeguard.scan import run_scan
+
+    with _load(model, quant, engine, policy, offline, threads) as guard:
+        stats = run_scan(guard, infile, outfile, progress=_progress)
+    _progress(f"scanned {stats.done} lines ({stats.skipped} already done, {stats.errors} malformed, "
+              f"{stats.flagged} flagged) -> {outfile}")

@@ -164,7 +164,7 @@ class FakeHub(BaseHTTPRequestHandler):
         path = unquote(urlparse(self.path).path)
         self.requests.append((self.command, path))
         api = f"/api/models/{REPO}"
-        revision = path.split("/")[5] if path.startswith(f"{api}/") else "main"
+        revision = path.split("/")[6] if path.startswith(f"{api}/") else "main"
         if path.startswith(f"/{REPO}/resolve/"):
             revision = path.split("/")[4]
         if revision not in (self.commit, "main"):
@@ -199,7 +199,7 @@ def online(tmp_path, monkeypatch):
     if constants.HF_HUB_OFFLINE:
         pytest.skip("huggingface_hub was imported with HF_HUB_OFFLINE set")
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     FakeHub.requests = []
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
@@ -233,7 +233,7 @@ def test_download_of_a_branch_resolves_the_commit(online):
 def test_download_of_a_file_the_repo_lacks(online):
     wanted = tuple(FILES) + ("merges.txt",)
     with pytest.raises(ModelError, match="merges.txt"):
-        hub.fetch_checkpoint(spec(files=wanted), progress=False)
+        hub.fetch_checkpoint(spec(files=wanted))
 
 
 def test_download_then_integrity_error(online):
@@ -245,3 +245,17 @@ def test_download_then_integrity_error(online):
 def test_download_of_an_unknown_revision(online):
     with pytest.raises(ModelError, match="has no revision"):
         hub.fetch_checkpoint(spec(revision="c" * 40), progress=False)
+
+
+def test_download_repo_from_cache(offline_cache):
+    build_cache(offline_cache)
+    assert hub.download_repo(REPO) == (
+        offline_cache / "models--Qwen--Tiny-Guard" / "snapshots" / COMMIT, COMMIT)
+    with pytest.raises(ModelError, match="offline"):
+        hub.download_repo(REPO, revision="v2")
+
+
+def test_download_repo_online(online):
+    folder, commit = hub.download_repo(REPO, progress=False)
+    assert commit == COMMIT
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)

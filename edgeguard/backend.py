@@ -1,0 +1,451 @@
+"""llama.cpp through its C API: tokenize, decode, read logits or hidden states, KV state.
+
+The only module of edgeguard that imports ``llama_cpp``. It uses the low-level bindings, never
+the high-level ``Llama`` class, which reserves n_batch x n_vocab floats of logits up front.
+Objects here are not thread-safe: give each thread its own ``Backend``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)
+_GGUF_MAGIC = b"GGUF"
+_PREFIX_MAGIC = b"EGKVSEQ1"
+_SEQ = 0
+
+_native_error = [""]
+_STDERR_LOG = ctypes.cast(None, llama_cpp.llama_log_callback)  # NULL: llama.cpp's own stderr log
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # Kept at module level so ctypes never frees the callback that llama.cpp holds.
+    # The first error line since the last reset is kept: it names the cause, later ones don't.
+    if level == _GGML_LOG_LEVEL_ERROR and text and not _native_error[0]:
+        _native_error[0] = text.decode("utf-8", "replace").strip()
+
+
+_backend_ready = False
+
+
+def _init_llama(verbose: bool) -> None:
+    """Initialise llama.cpp once per process; route its log (process-wide: the last call wins)."""
+    global _backend_ready
+    llama_cpp.llama_log_set(_STDERR_LOG if verbose else _quiet_log, ctypes.c_void_p(0))
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def default_threads() -> int:
+    """``EDGEGUARD_THREADS`` if set, else the CPUs this process may run on."""
+    env = os.environ.get("EDGEGUARD_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise UsageError(f"EDGEGUARD_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: int,
+                verbose: bool) -> ctypes.c_void_p:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelError(f"not a GGUF file: {path}")
+    _init_llama(verbose)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.n_gpu_layers = n_gpu_layers
+    _native_error[0] = ""
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    if not model:
+        reason = _one_line(_native_error[0]) or "llama.cpp returned no model"
+        raise ModelError(f"cannot load model {path}: {reason}")
+    return model
+
+
+class Vocab:
+    """The tokenizer of a GGUF, loaded with ``vocab_only`` (no weights are read)."""
+
+    def __init__(self, gguf_path: str | os.PathLike[str], *, verbose: bool = False) -> None:
+        self._model = _load_model(gguf_path, vocab_only=True, n_gpu_layers=0, verbose=verbose)
+        self._owns_model = True
+        self._bind(llama_cpp.llama_model_get_vocab(self._model), gguf_path)
+
+    def _bind(self, vocab, path) -> None:
+        self._vocab = vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        # llama.cpp aborts the process when asked to tokenize with a dummy ("none") vocabulary.
+        self._tokenizer_missing = (
+            llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE and
+            f"{path} has no tokenizer (a dummy-vocabulary backbone)")
+
+    @classmethod
+    def _borrow(cls, model: ctypes.c_void_p, path: str | os.PathLike[str]) -> Vocab:
+        """A view on the vocabulary of a model that someone else loaded and frees."""
+        self = cls.__new__(cls)
+        self._model = model
+        self._owns_model = False
+        self._bind(llama_cpp.llama_model_get_vocab(model), path)
+        return self
+
+    def _live_vocab(self):
+        if self._vocab is None:
+            raise RuntimeFailure("the vocabulary is closed")
+        if self._tokenizer_missing:
+            raise ModelError(self._tokenizer_missing)
+        return self._vocab
+
+    def _tokenize(self, text: str, *, parse_special: bool) -> list[int]:
+        vocab = self._live_vocab()
+        data = text.encode("utf-8")
+        if not data:
+            return []
+        capacity = len(data) + 8
+        for _ in range(2):
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, False, parse_special)
+            if n >= 0:
+                return buf[:n]
+            capacity = -n
+        raise RuntimeFailure(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-looking text such as ``<|im_end|>`` stays plain text."""
+        return self._tokenize(text, parse_special=False)
+
+    def token_id(self, piece: str) -> int:
+        """The id of one special or added token, for example ``"<|im_end|>"``."""
+        ids = self._tokenize(piece, parse_special=True)
+        if len(ids) != 1:
+            raise ModelError(f"the vocabulary has no single token for {piece!r} (got {len(ids)})")
+        return ids[0]
+
+    def piece(self, token: int) -> bytes:
+        """The raw bytes of one token (special tokens rendered as their text)."""
+        vocab = self._live_vocab()
+        size = 32
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, True)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+        raise RuntimeFailure(f"llama.cpp could not render token {token}")
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        """The raw bytes of a token sequence, special tokens included as text."""
+        vocab = self._live_vocab()
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = max(64, 8 * len(tokens))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+        raise RuntimeFailure(f"llama.cpp could not detokenize {len(tokens)} tokens")
+
+    def close(self) -> None:
+        if self._owns_model and self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+        self._model = None
+        self._vocab = None
+
+    def __enter__(self) -> Vocab:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _batch_views(batch, n_batch: int, n_embd: int) -> dict[str, np.ndarray]:
+    """numpy arrays over the C arrays of a llama_batch, so chunks are filled without Python loops."""
+    views = {
+        "pos": np.ctypeslib.as_array(batch.pos, shape=(n_batch,)),
+        "output": np.ctypeslib.as_array(batch.logits, shape=(n_batch,)),
+    }
+    if n_embd:
+        views["embd"] = np.ctypeslib.as_array(batch.embd, shape=(n_batch, n_embd))
+    else:
+        views["token"] = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
+    np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))[:] = 1
+    for i in range(n_batch):
+        batch.seq_id[i][0] = _SEQ
+    return views
+
+
+class Backend:
+    """One llama.cpp model and one context; every token goes to sequence 0.
+
+    ``mode="logits"`` reads next-token logits; ``mode="embeddings"`` reads the final-norm hidden
+    state of every requested position (pooling none). Note that llama.cpp outputs every token of
+    a batch in embeddings mode, and still computes the vocabulary projection for each of them:
+    a backbone GGUF with a tiny dummy vocabulary, fed input-embedding rows, avoids that cost.
+    """
+
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike[str],
+        *,
+        n_ctx: int,
+        mode: str = "logits",
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        flash_attn: bool | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if mode not in ("logits", "embeddings"):
+            raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
+        if n_ctx < 1 or n_batch < 1:
+            raise UsageError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
+        threads = default_threads() if n_threads is None else n_threads
+        if threads < 1:
+            raise UsageError(f"n_threads must be positive, got {threads}")
+        self.mode = mode
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.n_past = 0
+        self._path = Path(gguf_path)
+        self._ctx = None
+        self._batches: dict[str, tuple[object, dict[str, np.ndarray]]] = {}
+
+        self._model = _load_model(gguf_path, vocab_only=False, n_gpu_layers=n_gpu_layers,
+                                  verbose=verbose)
+        try:
+            self._vocab = Vocab._borrow(self._model, gguf_path)
+            self.n_vocab = self._vocab.n_vocab
+            self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+            self._ctx = self._new_context(threads, flash_attn)
+            self._memory = llama_cpp.llama_get_memory(self._ctx)
+            self._batch("token")
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_context(self, threads: int, flash_attn: bool | None):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.embeddings = self.mode == "embeddings"
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.flash_attn_type = {
+            None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
+        params.no_perf = True
+        _native_error[0] = ""
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            reason = _one_line(_native_error[0]) or "llama.cpp returned no context"
+            raise ModelError(f"cannot create a context for {self._path}: {reason}")
+        if llama_cpp.llama_n_ctx(ctx) < self.n_ctx:
+            llama_cpp.llama_free(ctx)
+            raise ModelError(f"llama.cpp gave a context smaller than n_ctx={self.n_ctx}")
+        return ctx
+
+    def _batch(self, kind: str) -> tuple[object, dict[str, np.ndarray]]:
+        """The reusable batch for token ids or for input-embedding rows, made on first use."""
+        if kind not in self._batches:
+            width = self.n_embd if kind == "embd" else 0
+            batch = llama_cpp.llama_batch_init(self.n_batch, width, 1)
+            self._batches[kind] = (batch, _batch_views(batch, self.n_batch, width))
+        return self._batches[kind]
+
+    @property
+    def vocab(self) -> Vocab:
+        """The tokenizer of the loaded model (valid until ``close()``)."""
+        return self._vocab
+
+    def _live_ctx(self):
+        if self._ctx is None:
+            raise RuntimeFailure("the backend is closed")
+        return self._ctx
+
+    def eval(
+        self,
+        tokens: Sequence[int] | None = None,
+        *,
+        embd: np.ndarray | None = None,
+        outputs: Sequence[int] = (-1,),
+    ) -> np.ndarray:
+        """Append tokens (or input-embedding rows [n, n_embd]) to the cache and read outputs.
+
+        ``outputs`` are indices into the given input (negative counts from the end). Returns a
+        float32 array [len(outputs), n_vocab] (logits mode) or [len(outputs), n_embd]
+        (embeddings mode). One ``llama_decode`` per ``n_batch`` chunk.
+        """
+        ctx = self._live_ctx()
+        if (tokens is None) == (embd is None):
+            raise UsageError("eval needs exactly one of tokens or embd")
+        if tokens is not None:
+            data = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            if data.size and (data.min() < 0 or data.max() >= self.n_vocab):
+                raise UsageError(f"token ids must lie in [0, {self.n_vocab})")
+            data = data.astype(np.int32)
+            kind = "token"
+        else:
+            data = np.ascontiguousarray(embd, dtype=np.float32)
+            if data.ndim != 2 or data.shape[1] != self.n_embd:
+                raise UsageError(f"embd must have shape [n, {self.n_embd}], got {list(data.shape)}")
+            kind = "embd"
+        n = len(data)
+        if n == 0:
+            raise UsageError("eval needs at least one token")
+        rows = [o + n if o < 0 else o for o in outputs]
+        if any(not 0 <= r < n for r in rows):
+            raise UsageError(f"outputs {list(outputs)} out of range for {n} inputs")
+        if self.n_past + n > self.n_ctx:
+            raise RuntimeFailure(
+                f"context overflow: {self.n_past} cached + {n} new tokens > n_ctx {self.n_ctx}")
+
+        width = self.n_vocab if self.mode == "logits" else self.n_embd
+        read = (llama_cpp.llama_get_logits_ith if self.mode == "logits"
+                else llama_cpp.llama_get_embeddings_ith)
+        result = np.empty((len(rows), width), dtype=np.float32)
+        batch, views = self._batch(kind)
+        wanted = np.zeros(n, dtype=np.int8)
+        wanted[rows] = 1
+        for start in range(0, n, self.n_batch):
+            m = min(self.n_batch, n - start)
+            views[kind][:m] = data[start:start + m]
+            views["pos"][:m] = np.arange(self.n_past, self.n_past + m, dtype=np.int32)
+            # llama.cpp outputs every token in embeddings mode; saying so avoids its warning.
+            views["output"][:m] = 1 if self.mode == "embeddings" else wanted[start:start + m]
+            batch.n_tokens = m
+            _native_error[0] = ""
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                llama_cpp.llama_memory_seq_rm(self._memory, _SEQ, self.n_past, -1)
+                reason = _one_line(_native_error[0])
+                raise RuntimeFailure(f"llama_decode failed (code {rc})" + (f": {reason}" if reason else ""))
+            for j, r in enumerate(rows):
+                if start <= r < start + m:
+                    ptr = read(ctx, r - start)
+                    if not ptr:
+                        raise RuntimeFailure(f"llama.cpp returned no output for input {r}")
+                    result[j] = np.ctypeslib.as_array(ptr, shape=(width,))
+            self.n_past += m
+        return result
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget every cached position >= ``n_keep``."""
+        self._live_ctx()
+        if not 0 <= n_keep <= self.n_past:
+            raise UsageError(f"n_keep must lie in [0, {self.n_past}], got {n_keep}")
+        if not llama_cpp.llama_memory_seq_rm(self._memory, _SEQ, n_keep, -1):
+            raise RuntimeFailure(f"llama.cpp could not drop positions >= {n_keep}")
+        self.n_past = n_keep
+
+    def _fingerprint(self) -> dict[str, object]:
+        """What a saved prefix must match: model shape, mode and a digest of the file's ends."""
+        digest = hashlib.sha256()
+        size = self._path.stat().st_size
+        with self._path.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+        return {"file_size": size, "file_ends_sha256": digest.hexdigest(), "mode": self.mode,
+                "n_embd": self.n_embd, "n_vocab": self.n_vocab,
+                "n_layer": llama_cpp.llama_model_n_layer(self._model)}
+
+    def save_prefix(self, path: str | os.PathLike[str]) -> None:
+        """Write the cached state of sequence 0 and its token count to ``path`` atomically."""
+        ctx = self._live_ctx()
+        size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ)
+        if written == 0 and self.n_past:
+            raise RuntimeFailure("llama.cpp could not copy the sequence state")
+        header = json.dumps({"n_past": self.n_past, **self._fingerprint()}).encode()
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_PREFIX_MAGIC + len(header).to_bytes(4, "little") + header)
+                f.write(memoryview(buf)[:written])
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_prefix(self, path: str | os.PathLike[str]) -> bool:
+        """Replace the cache with a saved prefix; False (cache left empty) when it does not fit."""
+        ctx = self._live_ctx()
+        try:
+            blob = bytearray(Path(path).read_bytes())
+        except OSError:
+            return False
+        head = len(_PREFIX_MAGIC) + 4
+        if len(blob) < head or blob[:len(_PREFIX_MAGIC)] != _PREFIX_MAGIC:
+            return False
+        n_header = int.from_bytes(blob[len(_PREFIX_MAGIC):head], "little")
+        try:
+            header = json.loads(blob[head:head + n_header])
+            n_past = int(header.pop("n_past"))
+        except (ValueError, KeyError, TypeError):
+            return False
+        if header != self._fingerprint() or not 0 <= n_past <= self.n_ctx:
+            return False
+        self.truncate(0)
+        state = memoryview(blob)[head + n_header:]
+        if n_past == 0:
+            return True
+        src = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        ok = llama_cpp.llama_state_seq_set_data(ctx, src, len(state), _SEQ) != 0
+        ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, _SEQ) == n_past - 1
+        if not ok:
+            llama_cpp.llama_memory_seq_rm(self._memory, _SEQ, -1, -1)
+            return False
+        self.n_past = n_past
+        return True
+
+    def close(self) -> None:
+        for batch, _ in self._batches.values():
+            llama_cpp.llama_batch_free(batch)
+        self._batches = {}
+        if getattr(self, "_vocab", None) is not None:
+            self._vocab.close()
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None) is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,74 @@
+"""From a model reference (registry name, converted folder, HF checkpoint folder) to a guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgeguard import registry, store
+from edgeguard.errors import ModelError, UsageError
+from edgeguard.manifest import MANIFEST_NAME, Manifest
+
+Progress = Callable[[str], None]
+
+
+def resolve(model: str | Path | None, quant: str | None = None, *, kind: str = "gen",
+            offline: bool | None = None, progress: Progress = lambda m: None) -> tuple[Path, Manifest, str]:
+    """The converted folder, its manifest and the quant to load.
+
+    ``None`` means the registry's default model of ``kind``, pulled on first use.
+    """
+    if model is None:
+        spec = registry.default_model(kind)
+        if not store.is_pulled(spec, quant or spec.default_quant):
+            progress(f"first use: pulling the default {kind} model {spec.name} (once)")
+        return _from_registry(spec, quant, offline, progress)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            manifest = Manifest.read(path)
+            return path, manifest, _pick_quant(manifest, quant)
+        if (path / "config.json").is_file():
+            folder = store.converted_checkpoint(path, quant or "q8_0", progress)
+            manifest = Manifest.read(folder)
+            return folder, manifest, manifest.quants[0]
+        raise UsageError(f"{path} is neither a converted model (manifest.json) nor a checkpoint (config.json)")
+    models = registry.load_registry()
+    if str(model) in models:
+        return _from_registry(models[str(model)], quant, offline, progress)
+    raise UsageError(
+        f"unknown model {model!r}: not a folder and not in the registry ({', '.join(sorted(models))})"
+    )
+
+
+def _from_registry(spec, quant, offline, progress):
+    folder = store.pull(spec, quant, offline=offline, progress=progress)
+    manifest = Manifest.read(folder)
+    return folder, manifest, _pick_quant(manifest, quant)
+
+
+def _pick_quant(manifest: Manifest, quant: str | None) -> str:
+    if quant is None:
+        for preferred in ("q4_k_m", "q8_0", "f16", "bf16"):
+            if preferred in manifest.quants:
+                return preferred
+        return manifest.quants[0]
+    if quant not in manifest.quants:
+        raise ModelError(f"model {manifest.name} has no {quant} file (quants: {', '.join(manifest.quants)})")
+    return quant
+
+
+def load(model: str | Path | None = None, quant: str | None = None, *, policy="strict", engine: str | None = None,
+         offline: bool | None = None, progress: Progress = lambda m: None, **options):
+    """A ``GenGuard`` or ``StreamGuard`` by the model's kind (or ``engine`` for the default)."""
+    folder, manifest, quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=progress)
+    if engine is not None and engine != manifest.kind:
+        raise UsageError(f"{manifest.name} is a {manifest.kind} model; it cannot run the {engine} engine")
+    if manifest.kind == "gen":
+        from edgeguard.gen import GenGuard, GenOptions
+
+        options.setdefault("prefix_cache", store.prefix_dir())
+        return GenGuard(folder, manifest, quant, policy=policy, options=GenOptions(**options))
+    from edgeguard.stream import StreamGuard, StreamOptions
+
+    return StreamGuard(folder, manifest, quant, policy=policy, options=StreamOptions(**options))
