@@ -1,6 +1,31 @@
-"""edgeguard: Qwen3Guard safety models on small machines."""
+"""edgeguard: Qwen3Guard safety models on small machines.
 
-from edgeguard.errors import EdgeguardError, ModelError, UsageError
+    >>> import edgeguard
+    >>> with edgeguard.load() as guard:          # the default Gen model, pulled on first use
+    ...     verdict = guard.check("How do I bake bread?")
+    >>> verdict.label, verdict.flagged
+"""
 
-__all__ = ["EdgeguardError", "ModelError", "UsageError", "__version__"]
+from edgeguard.errors import EdgeguardError, InputTooLong, ModelError, UsageError
+from edgeguard.verdict import StreamState, TokenVerdict, Verdict
+
+__all__ = [
+    "EdgeguardError",
+    "InputTooLong",
+    "ModelError",
+    "StreamState",
+    "TokenVerdict",
+    "UsageError",
+    "Verdict",
+    "__version__",
+    "load",
+]
 __version__ = "0.1.0"
+
+
+def load(model=None, quant=None, **kwargs):
+    """A ``GenGuard`` or ``StreamGuard`` for a registry name, converted folder or checkpoint
+    folder (see ``edgeguard.loader.load``). Imported lazily to keep ``import edgeguard`` light."""
+    from edgeguard.loader import load as _load
+
+    return _load(model, quant, **kwargs)

@@ -38,9 +38,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
+INITIAL_CTX = 2048
+
+
 @dataclass(frozen=True)
 class GenOptions:
-    n_ctx: int | None = None  # default: the manifest's context length
+    n_ctx: int | None = None  # the largest context to allow; default: the manifest's
     n_threads: int | None = None
     n_gpu_layers: int = 0
     prefix_cache: Path | None = None  # folder for persisted prefix states; None: off
@@ -63,11 +66,12 @@ class GenGuard:
         manifest.check_sizes(folder, [gguf])
         self._model_sha = manifest.files[gguf]["sha256"]
         self._options = options
-        n_ctx = options.n_ctx or manifest.context_length
-        self._backend = Backend(folder / gguf, n_ctx=n_ctx, mode="logits", n_threads=options.n_threads,
-                                n_gpu_layers=options.n_gpu_layers, verbose=options.verbose)
+        self._gguf = folder / gguf
+        # The KV cache is allocated up front (112 KiB a token at 0.6B): start small, grow on demand.
+        self._max_ctx = options.n_ctx or manifest.context_length
+        self._backend = self._new_backend(min(self._max_ctx, INITIAL_CTX))
         try:
-            source = self._backend.meta("tokenizer.chat_template")
+            source = self._backend.vocab.meta("tokenizer.chat_template")
             if not source:
                 raise ModelError(f"{gguf} carries no chat template")
             self._template = ChatTemplate(source)
@@ -82,11 +86,36 @@ class GenGuard:
             raise
 
     # -- setup -----------------------------------------------------------------------------
+    def _new_backend(self, n_ctx: int) -> Backend:
+        o = self._options
+        return Backend(self._gguf, n_ctx=n_ctx, mode="logits", n_threads=o.n_threads,
+                       n_gpu_layers=o.n_gpu_layers, verbose=o.verbose)
+
+    def _ensure_context(self, n_tokens: int) -> None:
+        needed = n_tokens + READOUT_MARGIN
+        if needed <= self._backend.n_ctx:
+            return
+        if needed > self._max_ctx:
+            raise InputTooLong(
+                f"the conversation needs {n_tokens} tokens with the template, more than the "
+                f"{self._max_ctx - READOUT_MARGIN} this model allows; shorten the text "
+                "(edgeguard never truncates silently)"
+            )
+        size = min(self._max_ctx, 1 << (needed - 1).bit_length())
+        log.info("growing the context to %d tokens", size)
+        self._backend.close()
+        self._backend = self._new_backend(size)
+        self._kv = []
+
     def _first_tokens(self, names: Sequence[str]) -> dict[str, int]:
         ids = {name: self._backend.vocab.tokenize(" " + name)[0] for name in names}
         if len(set(ids.values())) != len(ids):
             raise ModelError(f"the first tokens of {list(names)} are not distinct; cannot score them")
         return ids
+
+    def tokens(self, prompt: str | Sequence, response: str | None = None) -> list[int]:
+        """The token ids of a conversation's rendering (what ``check`` feeds before "Safety:")."""
+        return self._tokens(as_messages(prompt, response))
 
     def _tokens(self, messages: Sequence[Message]) -> list[int]:
         vocab = self._backend.vocab
@@ -128,12 +157,6 @@ class GenGuard:
     # -- scoring ---------------------------------------------------------------------------
     def _forward(self, tokens: list[int]) -> np.ndarray:
         """Next-token logits after ``tokens``, reusing whatever cached prefix matches."""
-        if len(tokens) + READOUT_MARGIN > self._backend.n_ctx:
-            raise InputTooLong(
-                f"the conversation needs {len(tokens)} tokens with the template, more than the "
-                f"context of {self._backend.n_ctx - READOUT_MARGIN} this model is loaded with; "
-                "shorten the text (edgeguard never truncates silently)"
-            )
         keep = min(_common_prefix(self._kv, tokens), len(tokens) - 1)
         if keep < self._backend.n_past:
             self._backend.truncate(keep)
@@ -155,6 +178,7 @@ class GenGuard:
         mode = "response" if messages[-1].role == "assistant" else "prompt"
         t0 = time.perf_counter()
         tokens = self._tokens(messages)
+        self._ensure_context(len(tokens))
         prefix = self._prefixes[mode]
         if tokens[: len(prefix)] == prefix and _common_prefix(self._kv, prefix) < len(prefix):
             self._restore_prefix(prefix)
@@ -199,6 +223,7 @@ class GenGuard:
     def generate(self, prompt: str | Sequence, response: str | None = None, max_new_tokens: int = 128) -> str:
         """The official way: greedy decoding of the verdict text (for comparison and debugging)."""
         tokens = self._tokens(as_messages(prompt, response))
+        self._ensure_context(len(tokens) + max_new_tokens)
         vocab = self._backend.vocab
         stop = {vocab.token_id("<|im_end|>"), vocab.token_id("<|endoftext|>")}
         out: list[int] = []

@@ -10,6 +10,7 @@ from edgeguard.errors import ModelError, RuntimeFailure
 from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 
 N_VOCAB = 1000
+TEMPLATE = "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}" * 20
 TEXT = "the quick brown fox jumps over the lazy dog and keeps on running"
 
 
@@ -18,7 +19,7 @@ def models(tmp_path_factory):
     """A full-vocabulary model and a dummy-vocabulary backbone sharing every layer."""
     root = tmp_path_factory.mktemp("gguf")
     full, dummy = root / "full.gguf", root / "dummy.gguf"
-    weights = write_random_qwen3_gguf(full, n_vocab=N_VOCAB, seed=3)
+    weights = write_random_qwen3_gguf(full, n_vocab=N_VOCAB, seed=3, chat_template=TEMPLATE)
     write_random_qwen3_gguf(dummy, n_vocab=8, seed=3)
     return {"full": full, "dummy": dummy, "embd_table": weights["token_embd.weight"],
             "weights": weights}
@@ -129,6 +130,14 @@ def test_context_overflow_raises_and_keeps_the_cache(models, tokens):
         assert be.n_past == 16
 
 
+def test_eval_without_outputs_only_fills_the_cache(models, tokens):
+    with Backend(models["full"], n_ctx=64, n_threads=2) as be:
+        assert be.eval(tokens[:10], outputs=()).shape == (0, N_VOCAB)
+        last = be.eval(tokens[10:12])
+    with Backend(models["full"], n_ctx=64, n_threads=2) as be:
+        np.testing.assert_allclose(be.eval(tokens[:12]), last, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("content", [None, b"not a model at all", "truncated"])
 def test_unloadable_files_raise_a_one_line_model_error(models, tmp_path, content):
     path = tmp_path / "bad.gguf"
@@ -163,6 +172,10 @@ def test_backend_vocab_matches_the_standalone_vocab(models):
     with Vocab(models["full"]) as vocab, Backend(models["full"], n_ctx=32, n_threads=2) as be:
         assert be.vocab.tokenize(TEXT) == vocab.tokenize(TEXT)
         assert be.n_vocab == vocab.n_vocab == N_VOCAB and be.n_embd == 256
+        assert be.vocab.meta("general.architecture") == "qwen3"
+        assert vocab.meta("tokenizer.ggml.pre") == "qwen2"
+        assert vocab.meta("tokenizer.chat_template") == TEMPLATE
+        assert vocab.meta("no.such.key") is None
         held = be.vocab
     with pytest.raises(RuntimeFailure):
         held.tokenize(TEXT)
