@@ -101,9 +101,9 @@ class Vocab:
         self._vocab = vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         # llama.cpp aborts the process when asked to tokenize with a dummy ("none") vocabulary.
-        self._tokenizer_missing = (
-            llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE and
-            f"{path} has no tokenizer (a dummy-vocabulary backbone)")
+        self._no_tokenizer: str | None = None
+        if llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
+            self._no_tokenizer = f"{path} has no tokenizer (a dummy-vocabulary backbone)"
 
     @classmethod
     def _borrow(cls, model: ctypes.c_void_p, path: str | os.PathLike[str]) -> Vocab:
@@ -117,8 +117,8 @@ class Vocab:
     def _live_vocab(self):
         if self._vocab is None:
             raise RuntimeFailure("the vocabulary is closed")
-        if self._tokenizer_missing:
-            raise ModelError(self._tokenizer_missing)
+        if self._no_tokenizer:
+            raise ModelError(self._no_tokenizer)
         return self._vocab
 
     def _tokenize(self, text: str, *, parse_special: bool) -> list[int]:

@@ -187,3 +187,84 @@ def scan(infile, outfile, engine, policy, model, quant, offline, threads):
         stats = run_scan(guard, infile, outfile, progress=_progress)
     _progress(f"scanned {stats.done} lines ({stats.skipped} already done, {stats.errors} malformed, "
               f"{stats.flagged} flagged) -> {outfile}")
+
+
+# -- registry and local store -----------------------------------------------------------
+def _spec(name: str):
+    from edgeguard import registry
+
+    return registry.get_model(name)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--quant", default=None, help="Quant to convert to (default: the registry's default).")
+@click.option("--offline", is_flag=True, default=None, help="Use only the local Hugging Face cache.")
+@handle_errors
+def pull(name, quant, offline):
+    """Download (cache first), convert and verify a registry model."""
+    from edgeguard import store
+    from edgeguard_convert.quantize import parse_quants
+
+    spec = _spec(name)
+    quant = parse_quants(quant)[0] if quant else spec.default_quant
+    if store.is_pulled(spec, quant):
+        _progress(f"{name} ({quant}) is already pulled")
+    folder = store.pull(spec, quant, offline=offline, progress=_progress)
+    click.echo(str(folder))
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def models_cmd(as_json):
+    """List the registry with what is pulled locally."""
+    from edgeguard import registry, store
+
+    rows = []
+    for name, spec in sorted(registry.load_registry().items()):
+        local = store.pulled(spec)
+        rows.append({
+            "name": name, "kind": spec.kind, "repo": spec.repo, "revision": spec.revision,
+            "default_quant": spec.default_quant, "license": spec.license,
+            "pulled": [{"quant": m.quant, "size": m.size, "path": str(m.folder)} for m in local],
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        pulled_text = ", ".join(f"{p['quant']} ({p['size'] / 1e6:.0f} MB)" for p in row["pulled"]) or "not pulled"
+        click.echo(f"{row['name']:<14} {row['kind']:<7} {row['repo']:<32} {pulled_text}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--quant", default=None, help="Remove only this quant.")
+@handle_errors
+def rm(name, quant):
+    """Remove a pulled model from the local store."""
+    from edgeguard import store
+
+    removed = store.remove(_spec(name), quant)
+    if not removed:
+        raise UsageError(f"{name} is not pulled" + (f" in {quant}" if quant else ""))
+    for folder in removed:
+        click.echo(f"removed {folder}")
+
+
+@main.command()
+@click.argument("name")
+@handle_errors
+def verify(name):
+    """Re-check the sha256 of every file of a pulled model."""
+    from edgeguard import store
+    from edgeguard.errors import IntegrityError
+
+    results = store.verify(_spec(name))
+    if not results:
+        raise UsageError(f"{name} is not pulled (run: edgeguard pull {name})")
+    bad = {folder: files for folder, files in results.items() if files}
+    for folder, files in results.items():
+        click.echo(f"{folder}: {'ok' if not files else 'BAD: ' + ', '.join(files)}")
+    if bad:
+        raise IntegrityError(f"{name}: corrupted files; repair with: edgeguard rm {name} && edgeguard pull {name}")
