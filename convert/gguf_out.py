@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from edgeguard_convert.checkpoint import Checkpoint
 from edgeguard_convert.tokenizer import TokenizerData
@@ -92,14 +92,9 @@ def _add_tokenizer(w: GGUFWriter, tok: TokenizerData) -> None:
 
 
 def _add_dummy_tokenizer(w: GGUFWriter) -> None:
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    # llama.cpp requires a non-empty merge list for a BPE vocabulary
-    w.add_token_list(["a", "b", "ab"] + [f"<dummy{i}>" for i in range(3, DUMMY_VOCAB)])
-    w.add_token_types([int(TokenType.NORMAL)] * 3 + [int(TokenType.CONTROL)] * (DUMMY_VOCAB - 3))
-    w.add_token_merges(["a b"])
-    w.add_eos_token_id(DUMMY_VOCAB - 1)
-    w.add_add_bos_token(False)
+    # "none": llama.cpp loads no tokenizer; the row count then comes from {arch}.vocab_size.
+    w.add_tokenizer_model("none")
+    w.add_vocab_size(DUMMY_VOCAB)
 
 
 def _tensor_plan(ckpt: Checkpoint, dummy_vocab: bool) -> list[tuple[str, str | None]]:
