@@ -268,3 +268,59 @@ def verify(name):
         click.echo(f"{folder}: {'ok' if not files else 'BAD: ' + ', '.join(files)}")
     if bad:
         raise IntegrityError(f"{name}: corrupted files; repair with: edgeguard rm {name} && edgeguard pull {name}")
+
+
+# -- stream --------------------------------------------------------------------------------
+def _stdin_chunks(follow: bool):
+    """The response from stdin: as it arrives (follow) or all at once, decoded incrementally."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    stream = sys.stdin.buffer
+    read = getattr(stream, "read1", stream.read) if follow else stream.read
+    try:
+        while True:
+            data = read(4096) if follow else read()
+            if not data:
+                break
+            text = decoder.decode(data)
+            if text:
+                yield text
+            if not follow:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+    except UnicodeDecodeError as e:
+        raise UsageError("the response on stdin is not valid UTF-8") from e
+
+
+@main.command()
+@click.option("--prompt", required=True, help="The user's prompt ('-' reads stdin).")
+@click.option("--response", default=None, help="The response to judge token by token (default: stdin).")
+@click.option("--policy", default="strict", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one per token, then a verdict line.")
+@click.option("--follow", is_flag=True, help="Read the response from stdin as it arrives and print as it goes.")
+@model_options
+@handle_errors
+def stream(prompt, response, policy, as_json, follow, model, quant, offline, threads):
+    """Judge a prompt, then every token of a response (Stream models).
+
+    Exit status: 0 not flagged, 1 flagged, 2 usage error, 3 model or runtime error.
+    """
+    from edgeguard.stream_cli import run_stream
+
+    if prompt == "-" and response is None:
+        raise UsageError("with --prompt -, give the response with --response")
+    prompt = _read_text(prompt, "--prompt")
+    if response is not None:
+        chunks = [_read_text(response, "--response")]
+    elif sys.stdin.isatty() and not follow:
+        raise UsageError("give --response TEXT or pipe the response on stdin")
+    else:
+        chunks = _stdin_chunks(follow)
+    with _load(model, quant, "stream", policy, offline, threads) as guard:
+        state = run_stream(guard, prompt, chunks, as_json=as_json, follow=follow)
+    from edgeguard.policy import decide
+
+    sys.exit(1 if state.flagged and decide(guard.policy, state.label, [state.category] if state.category else []) else 0)

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeguard.errors import IntegrityError, ModelError
+from edgeguard.hub import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entry(path: Path, **extra) -> dict:
