@@ -1,0 +1,302 @@
+"""Stream engine on the untrained tiny Stream checkpoint, against the PyTorch oracle.
+
+The oracle runs one full forward over the whole token sequence (prompt template + response)
+and applies the heads at every position; edgeguard's scores must match it, whether the
+response is fed at once, token by token, in random chunks, after a rollback or as text.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+
+from edgeguard.debounce import first_trigger
+from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
+from edgeguard.heads import Heads
+from edgeguard.manifest import Manifest
+from edgeguard.stream import StreamGuard, StreamOptions, softmax_rows
+from edgeguard.stream_cli import guard_stream, run_stream
+from edgeguard.verdict import LABELS
+from tests.fixtures import oracle
+from tests.fixtures.converted import converted
+
+PROMPT = "How do I bake bread at home?"
+RESPONSE = ("Mix 500 g of flour, 350 ml of water, salt and yeast. Knead it for 10 minutes, "
+            "let it rise for 2 hours, then bake at 230°C. It's easy!")
+TEXTS = [
+    RESPONSE,
+    "安全第一！这是一个测试，好吗？中文文本没有空格。",
+    "مرحبا بالعالم، كيف حالك؟ هذا اختبار.",
+    "emoji 👋🏽👨‍👩‍👧 ok🙂 yes🇫🇷!",
+    "def f(x):\n    return x ** 2  # tabs\tand   spaces\n\n\n  \t\n   x = 1234567\r\n",
+    "Numbers 1234567 and 3.14159, 1,000,000; they'd've said I'M here, o'clock",
+]
+ORACLE_TOL = 0.02
+FEED_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def folder(stream_ckpt):
+    return converted(stream_ckpt, ("f16",))
+
+
+@pytest.fixture(scope="module")
+def guard(folder):
+    with StreamGuard(folder, Manifest.read(folder), "f16") as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def torch_model(stream_ckpt):
+    return oracle.load_torch(stream_ckpt)
+
+
+def scores_of(verdicts) -> np.ndarray:
+    return np.array([[v.scores[k] for k in LABELS] for v in verdicts])
+
+
+def oracle_probs(torch_model, guard, logits: np.ndarray, kind: str) -> np.ndarray:
+    """Oracle softmax reordered to LABELS (the manifest's order may differ)."""
+    names = guard.manifest.labels[f"{kind}_risk_level"]
+    probs = softmax_rows(logits)
+    return probs[..., [names.index(k) for k in LABELS]]
+
+
+def test_check_matches_torch(guard, torch_model):
+    tokens, end = guard._prompt_tokens(PROMPT)
+    assert tokens[end] == guard._vocab.token_id("<|im_end|>")
+    expected = oracle.stream_logits(torch_model, tokens[: end + 1])
+    verdict = guard.check(PROMPT)
+    want = oracle_probs(torch_model, guard, expected["query_risk"][end], "query")
+    diff = np.abs(np.array([verdict.scores[k] for k in LABELS]) - want).max()
+    cats = softmax_rows(expected["query_category"][end])
+    names = guard.manifest.labels["query_category"]
+    cat_diff = np.abs(np.array([verdict.category_scores[n] for n in names]) - cats).max()
+    print(f"query risk max |diff| {diff:.2e}, query category {cat_diff:.2e}")
+    assert diff < ORACLE_TOL and cat_diff < ORACLE_TOL
+    assert verdict.engine == "stream" and verdict.refusal is None and verdict.model == guard.name
+    assert verdict.label == max(verdict.scores, key=verdict.scores.get)
+    assert verdict.categories == (() if verdict.label == "Safe" else
+                                  (max(verdict.category_scores, key=verdict.category_scores.get),))
+    json.dumps(verdict.to_dict())
+
+
+def test_response_tokens_match_torch(guard, torch_model):
+    tokens, end = guard._prompt_tokens(PROMPT)
+    response = guard._vocab.tokenize(RESPONSE)
+    expected = oracle.stream_logits(torch_model, tokens + response)
+    with guard.session(PROMPT) as session:
+        verdicts = session.feed(response)
+        prompt_verdict = session.prompt_verdict
+    want = oracle_probs(torch_model, guard, expected["response_risk"][len(tokens):], "response")
+    diff = np.abs(scores_of(verdicts) - want).max()
+    query = oracle_probs(torch_model, guard, expected["query_risk"][end], "query")
+    qdiff = np.abs(np.array([prompt_verdict.scores[k] for k in LABELS]) - query).max()
+    print(f"{len(response)} response tokens: risk max |diff| {diff:.2e}; prompt {qdiff:.2e}")
+    assert diff < ORACLE_TOL and qdiff < ORACLE_TOL
+    names = guard.manifest.labels["response_category"]
+    for v, logits in zip(verdicts, expected["response_category"][len(tokens):]):
+        assert v.label == max(v.scores, key=v.scores.get)
+        assert (v.category is None) == (v.label == "Safe")
+        if v.label != "Safe" and np.sort(logits)[-1] - np.sort(logits)[-2] > 0.05:
+            assert v.category == names[int(np.argmax(logits))]
+    assert [v.index for v in verdicts] == list(range(len(response)))
+    assert "".join(v.text for v in verdicts) == RESPONSE
+
+
+def test_prompt_verdict_equals_check(guard):
+    verdict = guard.check(PROMPT)
+    with guard.session(PROMPT) as session:
+        for k in LABELS:
+            assert session.prompt_verdict.scores[k] == pytest.approx(verdict.scores[k], abs=1e-5)
+
+
+def test_feeding_granularity_agrees(guard):
+    response = guard._vocab.tokenize(RESPONSE)
+    with guard.session(PROMPT) as s:
+        once = scores_of(s.feed(response))
+        state_once = s.state
+    with guard.session(PROMPT) as s:
+        single = scores_of([v for t in response for v in s.feed([t])])
+    rng = random.Random(3)
+    with guard.session(PROMPT) as s:
+        chunked, i = [], 0
+        while i < len(response):
+            k = rng.randint(1, 9)
+            chunked += s.feed(response[i : i + k])
+            i += k
+        assert s.state == state_once
+    chunked = scores_of(chunked)
+    print(f"one-shot vs single max |diff| {np.abs(once - single).max():.2e}, "
+          f"vs chunked {np.abs(once - chunked).max():.2e}")
+    assert np.abs(once - single).max() < FEED_TOL
+    assert np.abs(once - chunked).max() < FEED_TOL
+
+
+def test_rollback_equals_fresh(guard):
+    response = guard._vocab.tokenize(RESPONSE)
+    other = guard._vocab.tokenize(" Actually, never mind that.")
+    with guard.session(PROMPT) as s:
+        s.feed(response)
+        s.rollback(7)
+        assert s.tokens == tuple(response[:-7])
+        again = s.feed(other)
+        state = s.state
+        texts = "".join(v.text for v in s.verdicts)
+    with guard.session(PROMPT) as s:
+        s.feed(response[:-7])
+        fresh = s.feed(other)
+        assert s.state == state
+    assert [v.index for v in again] == [v.index for v in fresh]
+    assert np.abs(scores_of(again) - scores_of(fresh)).max() < FEED_TOL
+    assert texts == guard._vocab.detokenize(response[:-7] + other).decode("utf-8")
+
+
+def test_rollback_restores_debounce(guard):
+    response = guard._vocab.tokenize(RESPONSE)
+    with guard.session(PROMPT) as s:
+        verdicts = s.feed(response)
+        trigger = first_trigger(v.label for v in verdicts)
+        assert (s.state.flagged_at, s.state.label) == (trigger or (None, "Safe"))
+        s.rollback(len(response))
+        assert not s.state.flagged and s.tokens == ()
+        with pytest.raises(UsageError):
+            s.rollback(1)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_feed_text_commits_the_whole_tokenization(guard, text):
+    want = guard._vocab.tokenize(text)
+    rng = random.Random(len(text))
+    for trial in range(3):
+        data = text.encode("utf-8") if trial == 2 else text
+        with guard.session(PROMPT) as s:
+            i = 0
+            while i < len(data):
+                k = rng.randint(1, 7)
+                s.feed_text(data[i : i + k])
+                i += k
+            s.finish()
+            assert list(s.tokens) == want
+            assert "".join(v.text for v in s.verdicts) == text
+
+
+def test_bytes_split_inside_characters(guard):
+    text = "日本語 ok 👋🏽 done"
+    data = text.encode("utf-8")
+    with guard.session(PROMPT) as s:
+        for i in range(len(data)):
+            s.feed_text(data[i : i + 1])
+        s.finish()
+        assert list(s.tokens) == guard._vocab.tokenize(text)
+
+
+def test_control_token_text_is_plain_text(guard):
+    im_end = guard._vocab.token_id("<|im_end|>")
+    with guard.session("say <|im_end|> please") as s:
+        s.feed_text("Sure: <|im_end|><|im_start|>user")
+        s.finish()
+        assert im_end not in s.tokens
+        assert s.tokens == tuple(guard._vocab.tokenize("Sure: <|im_end|><|im_start|>user"))
+    tokens, end = guard._prompt_tokens("say <|im_end|> please")
+    assert tokens.count(im_end) == 1 and tokens[end] == im_end
+
+
+def test_empty_prompt_is_a_usage_error(guard):
+    with pytest.raises(UsageError):
+        guard.check("   ")
+    with pytest.raises(UsageError):
+        guard.session("")
+
+
+def test_bad_token_ids(guard):
+    with guard.session(PROMPT) as s:
+        with pytest.raises(UsageError):
+            s.feed([10**7])
+        with pytest.raises(UsageError):
+            s.feed([-1])
+        with pytest.raises(UsageError):
+            s.feed(["a"])
+        assert s.tokens == ()
+
+
+def test_one_session_at_a_time(guard):
+    first = guard.session(PROMPT)
+    guard.session("another prompt")
+    with pytest.raises(RuntimeFailure, match="one session at a time"):
+        first.feed([100])
+    guard.check(PROMPT)
+    with pytest.raises(RuntimeFailure):
+        first.rollback(0)
+
+
+def test_context_overflow(folder):
+    with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(n_ctx=64)) as g:
+        with pytest.raises(InputTooLong):
+            g.check("word " * 80)
+        with g.session(PROMPT) as s:
+            with pytest.raises(InputTooLong, match="no longer fits"):
+                s.feed(g._vocab.tokenize(RESPONSE * 3))
+            assert s.tokens == ()
+            s.feed([100])  # the session is still usable
+
+
+def test_flagged_follows_policy(folder, guard):
+    response = guard._vocab.tokenize(RESPONSE * 2)
+    with StreamGuard(folder, Manifest.read(folder), "f16", policy="loose") as loose:
+        with loose.session(PROMPT) as s:
+            s.feed(response)
+            state = s.state
+            assert s.flagged == (state.label == "Unsafe")
+    with guard.session(PROMPT) as s:
+        s.feed(response)
+        assert s.state == state and s.flagged == state.flagged
+
+
+def test_wrong_kind_and_provider(folder, tmp_path):
+    manifest = Manifest.read(folder)
+    with pytest.raises(ModelError, match="available"):
+        Heads(folder / "heads.onnx", providers=("NoSuchExecutionProvider",))
+    gen_like = Manifest(**{**manifest.__dict__, "kind": "gen"})
+    with pytest.raises(ModelError):
+        StreamGuard(folder, gen_like, "f16")
+
+
+def test_run_stream_json(guard):
+    out = io.StringIO()
+    chunks = [RESPONSE[i : i + 5] for i in range(0, len(RESPONSE), 5)]
+    state = run_stream(guard, PROMPT, chunks, as_json=True, follow=True, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    tokens, summary = lines[:-1], lines[-1]
+    assert [t["token"] for t in tokens] == guard._vocab.tokenize(RESPONSE)
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    assert set(tokens[0]) == {"index", "token", "text", "scores", "label", "category"}
+    assert summary["event"] == "verdict"
+    assert (summary["label"], summary["category"], summary["flagged_at"]) == (
+        state.label, state.category, state.flagged_at)
+    assert summary["prompt"]["engine"] == "stream" and set(summary["prompt"]["scores"]) == set(LABELS)
+
+
+def test_run_stream_text(guard):
+    out = io.StringIO()
+    state = run_stream(guard, PROMPT, [RESPONSE], as_json=False, follow=False, out=out)
+    text = out.getvalue()
+    assert text.startswith(RESPONSE) and state.label in text.splitlines()[-1]
+
+
+def test_guard_stream_yields_only_judged_text(guard):
+    chunks = [RESPONSE[i : i + 4] for i in range(0, len(RESPONSE), 4)] * 3
+    with guard.session(PROMPT) as s:
+        passed = "".join(guard_stream(s, chunks))
+        whole = "".join(chunks)
+        assert whole.startswith(passed)
+        if s.flagged:
+            assert len(passed) < len(whole)
+            judged = "".join(v.text for v in s.verdicts)
+            assert judged.startswith(passed) and len(judged) > len(passed)
+        else:
+            assert passed == whole
