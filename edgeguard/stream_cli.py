@@ -19,7 +19,7 @@ def _line(obj: dict) -> str:
 
 
 def run_stream(guard, prompt: str, response_chunks: Iterable[str], *, as_json: bool, follow: bool,
-               out: TextIO = sys.stdout) -> StreamState:
+               out: TextIO | None = None) -> StreamState:
     """Score a response as it arrives and print it; returns the final debounced state.
 
     JSON mode: one ``TokenVerdict.to_dict()`` line per response token, then the summary line
@@ -28,6 +28,8 @@ def run_stream(guard, prompt: str, response_chunks: Iterable[str], *, as_json: b
     Text mode: the response text as it is scored, then one verdict line. ``follow`` flushes
     after every line (JSON) or piece of text, for a reader on the other end of a pipe.
     """
+
+    out = out or sys.stdout  # looked up per call: the caller may have redirected it
 
     def emit(verdicts: list[TokenVerdict]) -> None:
         if as_json:
