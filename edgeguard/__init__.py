@@ -18,6 +18,7 @@ __all__ = [
     "UsageError",
     "Verdict",
     "__version__",
+    "guard_stream",
     "load",
 ]
 __version__ = "0.1.0"
@@ -29,3 +30,11 @@ def load(model=None, quant=None, **kwargs):
     from edgeguard.loader import load as _load
 
     return _load(model, quant, **kwargs)
+
+
+def guard_stream(session, chunks):
+    """Pass a text stream through a Stream session, stopping when it is flagged
+    (see ``edgeguard.stream_cli.guard_stream``)."""
+    from edgeguard.stream_cli import guard_stream as _guard_stream
+
+    return _guard_stream(session, chunks)

@@ -1,0 +1,27 @@
+"""The README's Python examples run as written (against a converted fixture model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.fixtures.converted import converted
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def example(name: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- example: {name} .*?-->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README has no example {name!r}"
+    return match.group(1)
+
+
+def test_guard_stream_example_runs(stream_ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEGUARD_STREAM_MODEL", str(converted(stream_ckpt, ("f16",))))
+    exec(compile(example("guard_stream"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "StreamState(" in out
+    full = "Sure! Mix 500 g of flour with water, salt and yeast, then bake it."
+    printed = out.split("\n")[0]
+    assert full.startswith(printed)  # a prefix: it stops when flagged
