@@ -26,6 +26,7 @@ _PREFIX_MAGIC = b"EGKVSEQ1"
 _SEQ = 0
 
 _native_error = [""]
+_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 _STDERR_LOG = ctypes.cast(None, llama_cpp.llama_log_callback)  # NULL: llama.cpp's own stderr log
 
 
@@ -66,7 +67,7 @@ def default_threads() -> int:
 
 
 def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: int,
-                verbose: bool) -> ctypes.c_void_p:
+                verbose: bool, repack: bool = True) -> ctypes.c_void_p:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
@@ -81,6 +82,8 @@ def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers:
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = n_gpu_layers
+    # Repacking quantized weights for faster CPU kernels keeps a second copy of them in RAM.
+    params.use_extra_bufts = repack
     _native_error[0] = ""
     model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
     if not model:
@@ -249,10 +252,17 @@ class Backend:
         n_batch: int = 512,
         n_gpu_layers: int = 0,
         flash_attn: bool | None = None,
+        kv_type: str = "f16",
+        repack: bool = True,
         verbose: bool = False,
     ) -> None:
+        """``kv_type`` "q8_0" halves the KV cache's memory (llama.cpp then needs flash
+        attention); ``repack=False`` saves a second in-RAM copy of the quantized weights that
+        llama.cpp otherwise makes for its faster CPU kernels."""
         if mode not in ("logits", "embeddings"):
             raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
+        if kv_type not in _KV_TYPES:
+            raise UsageError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
         if n_ctx < 1 or n_batch < 1:
             raise UsageError(f"n_ctx and n_batch must be positive (got {n_ctx}, {n_batch})")
         threads = default_threads() if n_threads is None else n_threads
@@ -262,12 +272,13 @@ class Backend:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_past = 0
+        self.kv_type = kv_type
         self._path = Path(gguf_path)
         self._ctx = None
         self._batches: dict[str, tuple[object, dict[str, np.ndarray]]] = {}
 
         self._model = _load_model(gguf_path, vocab_only=False, n_gpu_layers=n_gpu_layers,
-                                  verbose=verbose)
+                                  verbose=verbose, repack=repack)
         try:
             self._vocab = Vocab._borrow(self._model, gguf_path)
             self.n_vocab = self._vocab.n_vocab
@@ -294,6 +305,9 @@ class Backend:
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
+        params.type_k = params.type_v = _KV_TYPES[self.kv_type]
+        if self.kv_type != "f16" and flash_attn is None:
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
         _native_error[0] = ""
         ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -407,6 +421,7 @@ class Backend:
             f.seek(max(0, size - (1 << 20)))
             digest.update(f.read(1 << 20))
         return {"file_size": size, "file_ends_sha256": digest.hexdigest(), "mode": self.mode,
+                "kv_type": self.kv_type,
                 "n_embd": self.n_embd, "n_vocab": self.n_vocab,
                 "n_layer": llama_cpp.llama_model_n_layer(self._model)}
 
