@@ -46,6 +46,8 @@ class GenOptions:
     n_ctx: int | None = None  # the largest context to allow; default: the manifest's
     n_threads: int | None = None
     n_gpu_layers: int = 0
+    kv_type: str = "f16"  # "q8_0" halves the KV cache
+    repack: bool = True  # False: no second in-RAM copy of the weights (see Backend)
     prefix_cache: Path | None = None  # folder for persisted prefix states; None: off
     verbose: bool = False
 
@@ -89,7 +91,7 @@ class GenGuard:
     def _new_backend(self, n_ctx: int) -> Backend:
         o = self._options
         return Backend(self._gguf, n_ctx=n_ctx, mode="logits", n_threads=o.n_threads,
-                       n_gpu_layers=o.n_gpu_layers, verbose=o.verbose)
+                       n_gpu_layers=o.n_gpu_layers, kv_type=o.kv_type, repack=o.repack, verbose=o.verbose)
 
     def _ensure_context(self, n_tokens: int) -> None:
         needed = n_tokens + READOUT_MARGIN

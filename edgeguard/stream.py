@@ -48,6 +48,8 @@ class StreamOptions:
     n_ctx: int | None = None  # default: the manifest's context length, at most DEFAULT_MAX_CTX
     n_threads: int | None = None
     n_gpu_layers: int = 0
+    kv_type: str = "f16"  # "q8_0" halves the KV cache
+    repack: bool = True  # False: no second in-RAM copy of the weights (see Backend)
     verbose: bool = False
 
 
@@ -95,6 +97,7 @@ class StreamGuard:
             n_ctx = options.n_ctx or min(manifest.context_length, DEFAULT_MAX_CTX)
             self._backend = self._own(Backend(folder / files["model"], n_ctx=n_ctx, mode="embeddings",
                                               n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
+                                              kv_type=options.kv_type, repack=options.repack,
                                               verbose=options.verbose))
             if self._backend.n_embd != manifest.hidden_size:
                 raise ModelError(f"{files['model']} has hidden size {self._backend.n_embd}, "
