@@ -92,6 +92,28 @@ def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers:
     return model
 
 
+def _drop_mapped_pages(path: Path) -> None:
+    """Let the kernel drop this process's resident pages of the memory-mapped GGUF.
+
+    Repacking reads the quantized weights once from the mapping and keeps them in a buffer of
+    its own; their mapped pages would otherwise stay counted in the process's memory for
+    nothing. Pages still in use fault back in from the page cache (the mapping is read-only).
+    Linux only; elsewhere a no-op.
+    """
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    target = str(path.resolve())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madv_dontneed = 4
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(start, end - start, madv_dontneed)
+
+
 class Vocab:
     """The tokenizer of a GGUF, loaded with ``vocab_only`` (no weights are read)."""
 
@@ -284,6 +306,8 @@ class Backend:
             self.n_vocab = self._vocab.n_vocab
             self.n_embd = llama_cpp.llama_model_n_embd(self._model)
             self._ctx = self._new_context(threads, flash_attn)
+            if repack:
+                _drop_mapped_pages(self._path)
             self._memory = llama_cpp.llama_get_memory(self._ctx)
             self._batch("token")
         except BaseException:

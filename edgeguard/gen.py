@@ -38,7 +38,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-INITIAL_CTX = 2048
+# A prompt check is ~300 template tokens + the text: start with room for that and grow on demand.
+INITIAL_CTX = 1024
+BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class GenOptions:
     n_ctx: int | None = None  # the largest context to allow; default: the manifest's
     n_threads: int | None = None
     n_gpu_layers: int = 0
-    kv_type: str = "f16"  # "q8_0" halves the KV cache
-    repack: bool = True  # False: no second in-RAM copy of the weights (see Backend)
+    kv_type: str = "f16"  # "q8_0" halves the KV cache (but slows prefill on CPU)
+    # Gen is prefill-bound: llama.cpp's repacked weights barely help it and cost ~200 MB.
+    repack: bool = False
     prefix_cache: Path | None = None  # folder for persisted prefix states; None: off
     verbose: bool = False
 
@@ -90,7 +93,7 @@ class GenGuard:
     # -- setup -----------------------------------------------------------------------------
     def _new_backend(self, n_ctx: int) -> Backend:
         o = self._options
-        return Backend(self._gguf, n_ctx=n_ctx, mode="logits", n_threads=o.n_threads,
+        return Backend(self._gguf, n_ctx=n_ctx, mode="logits", n_batch=BATCH, n_threads=o.n_threads,
                        n_gpu_layers=o.n_gpu_layers, kv_type=o.kv_type, repack=o.repack, verbose=o.verbose)
 
     def _ensure_context(self, n_tokens: int) -> None:

@@ -32,9 +32,11 @@ from edgeguard.verdict import LABELS, StreamState, TokenVerdict, Verdict
 IM_END = "<|im_end|>"
 # Where the response starts: the rendering of a probe assistant message is cut at its content.
 _PROBE = "\ue000edgeguard-response\ue001"
-# The real model's KV cache costs ~112 KiB per token at f16: 4096 positions are ~450 MiB, the
-# full 8192 would break the 700 MB budget of one loaded engine. Ask for more with n_ctx.
-DEFAULT_MAX_CTX = 4096
+# The KV cache is allocated up front: with the default q8_0 cache the real model needs ~56 KiB
+# per token, so the context starts at INITIAL_CTX and grows (doubling, re-evaluating the cached
+# tokens once) up to the manifest's context length when a conversation needs it.
+INITIAL_CTX = 2048
+BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -45,11 +47,13 @@ def softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StreamOptions:
-    n_ctx: int | None = None  # default: the manifest's context length, at most DEFAULT_MAX_CTX
+    n_ctx: int | None = None  # the largest context to allow; default: the manifest's
     n_threads: int | None = None
     n_gpu_layers: int = 0
-    kv_type: str = "f16"  # "q8_0" halves the KV cache
-    repack: bool = True  # False: no second in-RAM copy of the weights (see Backend)
+    # Per-token speed is what Stream is for: repacked weights make a decode step ~25% faster;
+    # the q8_0 KV cache pays for their memory (see README, performance).
+    kv_type: str = "q8_0"
+    repack: bool = True
     verbose: bool = False
 
 
@@ -94,11 +98,10 @@ class StreamGuard:
             if self._table.ndim != 2 or self._table.shape[1] != manifest.hidden_size:
                 raise ModelError(f"{files['embeddings']} has shape {list(self._table.shape)}, expected "
                                  f"[vocab, {manifest.hidden_size}]")
-            n_ctx = options.n_ctx or min(manifest.context_length, DEFAULT_MAX_CTX)
-            self._backend = self._own(Backend(folder / files["model"], n_ctx=n_ctx, mode="embeddings",
-                                              n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
-                                              kv_type=options.kv_type, repack=options.repack,
-                                              verbose=options.verbose))
+            self._options = options
+            self._model_path = folder / files["model"]
+            self._max_ctx = options.n_ctx or manifest.context_length
+            self._backend = self._own(self._new_backend(min(self._max_ctx, INITIAL_CTX)))
             if self._backend.n_embd != manifest.hidden_size:
                 raise ModelError(f"{files['model']} has hidden size {self._backend.n_embd}, "
                                  f"the manifest says {manifest.hidden_size}")
@@ -109,6 +112,30 @@ class StreamGuard:
         self._kv: list[int] = []  # the tokens whose states the backend's cache holds
         self._epoch = 0  # bumped whenever the cache is taken over; sessions compare it
         self._atomic: list[str] | None = None
+
+    def _new_backend(self, n_ctx: int) -> Backend:
+        o = self._options
+        return Backend(self._model_path, n_ctx=n_ctx, mode="embeddings", n_batch=BATCH,
+                       n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, kv_type=o.kv_type,
+                       repack=o.repack, verbose=o.verbose)
+
+    def _ensure_context(self, n_tokens: int, what: str) -> None:
+        """Make room for ``n_tokens`` cached tokens, growing the context if the model allows."""
+        if n_tokens <= self._backend.n_ctx:
+            return
+        if n_tokens > self._max_ctx:
+            raise InputTooLong(
+                f"{what} needs {n_tokens} tokens with the template, more than the {self._max_ctx} this "
+                "model allows; shorten it, roll back or start a new session (edgeguard never truncates "
+                "silently)")
+        size = min(self._max_ctx, 1 << (n_tokens - 1).bit_length())
+        old, cached = self._backend, list(self._kv)
+        new = self._new_backend(size)
+        if cached:
+            new.eval(embd=self._rows(cached), outputs=())
+        self._closers[self._closers.index(old)] = new
+        old.close()
+        self._backend = new
 
     def _own(self, resource):
         self._closers.append(resource)
@@ -144,11 +171,7 @@ class StreamGuard:
     def _evaluate(self, tokens: list[int], at: int) -> np.ndarray:
         """Append ``tokens`` to the cache (reusing the cached common prefix) and return the
         hidden state [1, hidden] of ``tokens[at]``."""
-        if len(tokens) > self._backend.n_ctx:
-            raise InputTooLong(
-                f"the conversation needs {len(tokens)} tokens with the template, more than the context "
-                f"of {self._backend.n_ctx} this model is loaded with; shorten the text or load it with "
-                "a larger n_ctx (edgeguard never truncates silently)")
+        self._ensure_context(len(tokens), "the conversation")
         keep = min(_common_prefix(self._kv, tokens), at)
         if keep < self._backend.n_past:
             self._backend.truncate(keep)
@@ -236,11 +259,7 @@ class StreamSession:
         self._policy = guard.policy
         t0 = time.perf_counter()
         tokens, end = guard._prompt_tokens(prompt)
-        if len(tokens) >= guard._backend.n_ctx:
-            raise InputTooLong(
-                f"the prompt needs {len(tokens)} tokens with the template, and the context this model "
-                f"is loaded with holds {guard._backend.n_ctx} with the response; shorten it or load "
-                "the model with a larger n_ctx")
+        guard._ensure_context(len(tokens) + 1, "the prompt (with room for a response)")
         self._epoch = guard._take_cache()
         hidden = guard._evaluate(tokens, end)
         out = guard._heads.run(hidden)
@@ -290,12 +309,9 @@ class StreamSession:
         if not ids:
             return []
         rows = guard._rows(ids)
+        guard._ensure_context(guard._backend.n_past + len(ids),
+                              f"the response ({len(self._tokens)} tokens, {len(ids)} more)")
         backend = guard._backend
-        if backend.n_past + len(ids) > backend.n_ctx:
-            raise InputTooLong(
-                f"the response no longer fits the context: {self._n_prompt} prompt + {len(self._tokens)} "
-                f"response tokens are cached, {len(ids)} more exceed n_ctx {backend.n_ctx}; roll back, "
-                "start a new session, or load the model with a larger n_ctx")
         before = backend.n_past
         try:
             hidden = backend.eval(embd=rows, outputs=range(len(ids)))

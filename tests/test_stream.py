@@ -239,10 +239,26 @@ def test_context_overflow(folder):
         with pytest.raises(InputTooLong):
             g.check("word " * 80)
         with g.session(PROMPT) as s:
-            with pytest.raises(InputTooLong, match="no longer fits"):
+            with pytest.raises(InputTooLong, match="more than the 64 this model allows"):
                 s.feed(g._vocab.tokenize(RESPONSE * 3))
             assert s.tokens == ()
             s.feed([100])  # the session is still usable
+
+
+def test_context_grows_without_changing_scores(folder, guard, monkeypatch):
+    import edgeguard.stream as stream_module
+
+    ids = guard._vocab.tokenize(RESPONSE * 3)
+    with guard.session(PROMPT) as s:
+        expected = [v.scores for v in s.feed(ids)]
+    monkeypatch.setattr(stream_module, "INITIAL_CTX", 32)
+    with StreamGuard(folder, Manifest.read(folder), "f16") as g:
+        assert g._backend.n_ctx == 32
+        with g.session(PROMPT) as s:
+            got = [v.scores for v in s.feed(ids[:10])] + [v.scores for v in s.feed(ids[10:])]
+        assert g._backend.n_ctx >= len(ids) + 20
+    for a, b in zip(got, expected):
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-3
 
 
 def test_flagged_follows_policy(folder, guard):
