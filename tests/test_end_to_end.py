@@ -1,0 +1,89 @@
+"""Real verdicts end to end: tiny Qwen3Guard models trained by the tests (tests/fixtures/
+trained.py), converted by edgeguard, run by llama.cpp (+ onnxruntime), through the CLI and API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgeguard.cli import main
+from edgeguard.loader import load
+from tests.fixtures.converted import converted
+from tests.fixtures.trained import (
+    GEN_EXAMPLES,
+    STREAM_EXAMPLES,
+    STREAM_PROMPT_CATEGORY,
+    trained_gen_checkpoint,
+    trained_stream_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def gen_model():
+    return str(converted(trained_gen_checkpoint(), ("f16",)))
+
+
+@pytest.fixture(scope="module")
+def stream_model():
+    return str(converted(trained_stream_checkpoint(), ("f16",)))
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEGUARD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _args(messages):
+    args = ["check", messages[0]["content"]]
+    if len(messages) > 1:
+        args += ["--response", messages[1]["content"]]
+    return args
+
+
+@pytest.mark.parametrize("messages,label,category,refusal", GEN_EXAMPLES,
+                         ids=[m[0]["content"][:30] for m, *_ in GEN_EXAMPLES])
+def test_gen_cli_gives_the_trained_verdict(gen_model, messages, label, category, refusal):
+    result = CliRunner().invoke(main, [*_args(messages), "--model", gen_model, "--json"])
+    verdict = json.loads(result.stdout)
+    assert verdict["label"] == label, verdict
+    assert verdict["categories"] == ([] if category == "None" else [category])
+    assert verdict["refusal"] == refusal
+    assert result.exit_code == (0 if label == "Safe" else 1)
+
+
+def test_generate_agrees_with_scoring(gen_model):
+    with load(gen_model) as guard:
+        for messages, *_ in GEN_EXAMPLES:
+            verdict = guard.check(messages)
+            text = guard.generate(messages)
+            assert text.startswith(f"Safety: {verdict.label}\n"), text
+            expected = ", ".join(verdict.categories) or "None"
+            assert f"Categories: {expected}" in text, text
+            if verdict.refusal is not None:
+                assert f"Refusal: {verdict.refusal}" in text, text
+
+
+def test_stream_flags_planted_spans_and_spares_controls(stream_model):
+    with load(stream_model) as guard:
+        for prompt, response, prompt_label, start in STREAM_EXAMPLES:
+            with guard.session(prompt) as session:
+                verdicts = session.feed_text(response) + session.finish()
+                assert "".join(v.text for v in verdicts) == response
+                state = session.state
+            assert session.prompt_verdict.label == prompt_label, prompt
+            if prompt_label != "Safe":
+                assert list(session.prompt_verdict.categories) == [STREAM_PROMPT_CATEGORY[prompt]]
+            if start is None:
+                assert not state.flagged, (prompt, response, state)
+                continue
+            assert state.flagged and state.label == "Unsafe", (response, state)
+            flagged_char = sum(len(v.text) for v in verdicts[: state.flagged_at])
+            assert flagged_char >= start, (response, start, flagged_char)
+
+
+def test_stream_check_cli_prompt_verdicts(stream_model):
+    for prompt, _, prompt_label, _ in STREAM_EXAMPLES[::2]:
+        result = CliRunner().invoke(main, ["check", prompt, "--model", stream_model, "--json"])
+        assert json.loads(result.stdout)["label"] == prompt_label, prompt

@@ -1,0 +1,119 @@
+"""The trained tiny Qwen3Guard fixtures give the verdicts their synthetic data set teaches,
+checked with the PyTorch oracle on the saved bf16 checkpoints (no llama.cpp here)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.fixtures.oracle import load_torch, next_token_logits, stream_logits  # noqa: E402
+from tests.fixtures.trained import (  # noqa: E402
+    GEN_EXAMPLES, STREAM_EXAMPLES, STREAM_PROMPT_CATEGORY, gen_target_text, stream_encode,
+    trained_gen_checkpoint, trained_stream_checkpoint)
+
+LABELS = ["Safe", "Unsafe", "Controversial"]
+GEN_CATEGORIES = ["Violent", "Non-violent Illegal Acts", "Sexual Content or Sexual Acts", "PII",
+                  "Suicide & Self-Harm", "Unethical Acts", "Politically Sensitive Topics",
+                  "Copyright Violation", "Jailbreak", "None"]
+
+
+@pytest.fixture(scope="module")
+def gen():
+    ckpt = trained_gen_checkpoint()
+    info = json.loads((ckpt / "training.json").read_text())
+    print(f"\ngen training: {info}")
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    return ckpt, tok, load_torch(ckpt)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    ckpt = trained_stream_checkpoint()
+    info = json.loads((ckpt / "training.json").read_text())
+    print(f"\nstream training: {info}")
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    return ckpt, tok, load_torch(ckpt)
+
+
+def _first_tokens(tok, names):
+    ids = [tok.encode(" " + n, add_special_tokens=False)[0] for n in names]
+    assert len(set(ids)) == len(ids)
+    return ids
+
+
+def _readout(model, tok, ids, names):
+    """Restricted next-token argmax over the first tokens of ' <name>'."""
+    logits = next_token_logits(model, ids)[-1]
+    cand = _first_tokens(tok, names)
+    return names[int(np.argmax(logits[cand]))]
+
+
+def test_trained_checkpoints_have_the_fixture_layout():
+    from tests.fixtures.trained import BASE_SHAPE
+    from tests.fixtures.checkpoints import build_checkpoint
+
+    for kind, ckpt in (("gen", trained_gen_checkpoint()), ("stream", trained_stream_checkpoint())):
+        base = build_checkpoint(kind, **BASE_SHAPE, seed=7 if kind == "gen" else 8)
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (ckpt / name).read_bytes() == (base / name).read_bytes(), name
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as a, \
+                safe_open(str(base / "model.safetensors"), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for k in a.keys():
+                ta, tb = a.get_tensor(k), b.get_tensor(k)
+                assert ta.dtype == torch.bfloat16 and ta.shape == tb.shape, k
+
+
+def test_gen_heldout_verdicts_by_readout_and_generation(gen):
+    ckpt, tok, model = gen
+    safety = tok.encode("Safety:", add_special_tokens=False)
+    for messages, label, category, refusal in GEN_EXAMPLES:
+        ids = tok(tok.apply_chat_template(messages, tokenize=False),
+                  add_special_tokens=False).input_ids
+        got = _readout(model, tok, ids + safety, LABELS)
+        assert got == label, (messages, got)
+        cat_ids = tok.encode(f"Safety: {label}\nCategories:", add_special_tokens=False)
+        assert _readout(model, tok, ids + cat_ids, GEN_CATEGORIES) == category, messages
+        if refusal is not None:
+            ref_ids = tok.encode(gen_target_text(label, category) + "\nRefusal:",
+                                 add_special_tokens=False)
+            assert _readout(model, tok, ids + ref_ids, ["Yes", "No"]) == refusal, messages
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                                 pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+        text = tok.decode(out[0, len(ids):].tolist())
+        assert text == gen_target_text(label, category, refusal) + "<|im_end|>", (messages, text)
+
+
+def test_stream_heldout_prompt_and_response_verdicts(stream):
+    ckpt, tok, model = stream
+    cfg = json.loads((ckpt / "config.json").read_text())
+    risk_names = cfg["response_risk_level_map"]
+    qcat_names = cfg["query_category_map"]
+    rcat_names = cfg["response_category_map"]
+    for prompt, response, prompt_label, span_start in STREAM_EXAMPLES:
+        ids, q_pos, r0, offsets = stream_encode(tok, prompt, response)
+        lg = stream_logits(model, ids)
+        q = int(lg["query_risk"][q_pos].argmax())
+        assert risk_names[str(q)] == prompt_label, prompt
+        if prompt_label != "Safe":
+            qc = int(lg["query_category"][q_pos].argmax())
+            assert qcat_names[str(qc)] == STREAM_PROMPT_CATEGORY[prompt], prompt
+        unsafe = [risk_names[str(int(r))] == "Unsafe"
+                  for r in lg["response_risk"][r0:r0 + len(offsets)].argmax(-1)]
+        pairs = [j for j in range(1, len(unsafe)) if unsafe[j - 1] and unsafe[j]]
+        if span_start is None:
+            assert not pairs, (response, pairs)
+            continue
+        assert pairs, response
+        first = pairs[0]
+        assert offsets[first - 1][1] > span_start, (response, first)
+        cat = int(lg["response_category"][r0 + first].argmax())
+        assert rcat_names[str(cat)] == "Violent", response
