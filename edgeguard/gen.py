@@ -28,6 +28,7 @@ log = logging.getLogger("edgeguard")
 
 JAILBREAK = "Jailbreak"
 NONE = "None"
+GUESS_LABEL = "Safe"
 # The longest read-out continuation: " <label>\nCategories: <category>\nRefusal:".
 READOUT_MARGIN = 32
 
@@ -160,13 +161,15 @@ class GenGuard:
                 log.warning("could not persist the prefix cache at %s: %s", path, e)
 
     # -- scoring ---------------------------------------------------------------------------
-    def _forward(self, tokens: list[int]) -> np.ndarray:
-        """Next-token logits after ``tokens``, reusing whatever cached prefix matches."""
-        keep = min(_common_prefix(self._kv, tokens), len(tokens) - 1)
+    def _forward(self, tokens: list[int], at: Sequence[int] | None = None) -> np.ndarray:
+        """Next-token logits after ``tokens[: i + 1]`` for each i in ``at`` (default: the last),
+        reusing whatever cached prefix matches."""
+        at = [len(tokens) - 1] if at is None else list(at)
+        keep = min(_common_prefix(self._kv, tokens), min(at))
         if keep < self._backend.n_past:
             self._backend.truncate(keep)
         self._kv = self._kv[:keep]
-        logits = self._backend.eval(tokens[keep:], outputs=(-1,))[0]
+        logits = self._backend.eval(tokens[keep:], outputs=[i - keep for i in at])
         self._kv = list(tokens)
         return logits
 
@@ -188,19 +191,29 @@ class GenGuard:
         if tokens[: len(prefix)] == prefix and _common_prefix(self._kv, prefix) < len(prefix):
             self._restore_prefix(prefix)
         t1 = time.perf_counter()
-        tokens = self._continue(tokens, "Safety:")
-        scores = self._read(self._forward(tokens), self._label_ids)
+        # One decode reads the label and, speculating on the most common verdict (Safe, no
+        # category), the category and refusal too; a wrong guess costs one short decode more.
+        labelled = self._continue(tokens, "Safety:")
+        guess = self._continue(labelled, f" {GUESS_LABEL}\nCategories:")
+        at = [len(labelled) - 1, len(guess) - 1]
+        if mode == "response":
+            guess = self._continue(guess, f" {NONE}\nRefusal:")
+            at.append(len(guess) - 1)
+        logits = self._forward(guess, at)
+        scores = self._read(logits[0], self._label_ids)
         label = max(scores, key=scores.get)
         t2 = time.perf_counter()
         names = [c for c in self._categories if mode == "prompt" or c != JAILBREAK] + [NONE]
         ids = {n: self._category_ids[n] for n in names}
-        tokens = self._continue(tokens, f" {label}\nCategories:")
-        category_scores = self._read(self._forward(tokens), ids)
+        tokens = self._continue(labelled, f" {label}\nCategories:")
+        category_logits = logits[1] if label == GUESS_LABEL else self._forward(tokens)[0]
+        category_scores = self._read(category_logits, ids)
         category = max(category_scores, key=category_scores.get)
         refusal = None
         if mode == "response":
             tokens = self._continue(tokens, f" {category}\nRefusal:")
-            refusal_scores = self._read(self._forward(tokens), self._refusal_ids)
+            guessed = label == GUESS_LABEL and category == NONE
+            refusal_scores = self._read(logits[2] if guessed else self._forward(tokens)[0], self._refusal_ids)
             refusal = max(refusal_scores, key=refusal_scores.get)
         t3 = time.perf_counter()
         categories = () if category == NONE else (category,)
@@ -232,14 +245,14 @@ class GenGuard:
         vocab = self._backend.vocab
         stop = {vocab.token_id("<|im_end|>"), vocab.token_id("<|endoftext|>")}
         out: list[int] = []
-        logits = self._forward(tokens)
+        logits = self._forward(tokens)[0]
         for _ in range(max_new_tokens):
             nxt = int(np.argmax(logits))
             if nxt in stop:
                 break
             out.append(nxt)
             tokens = tokens + [nxt]
-            logits = self._forward(tokens)
+            logits = self._forward(tokens)[0]
         return vocab.detokenize(out).decode("utf-8", errors="replace")
 
     def close(self) -> None:

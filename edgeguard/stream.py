@@ -35,7 +35,7 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # The KV cache is allocated up front: with the default q8_0 cache the real model needs ~56 KiB
 # per token, so the context starts at INITIAL_CTX and grows (doubling, re-evaluating the cached
 # tokens once) up to the manifest's context length when a conversation needs it.
-INITIAL_CTX = 2048
+INITIAL_CTX = 1024
 BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
 
 

@@ -1,0 +1,1 @@
+"""edgeguard benchmark suite: ``python bench/run.py [--quick] [--out bench/results]``."""
