@@ -449,21 +449,47 @@ class Backend:
                 "n_embd": self.n_embd, "n_vocab": self.n_vocab,
                 "n_layer": llama_cpp.llama_model_n_layer(self._model)}
 
-    def save_prefix(self, path: str | os.PathLike[str]) -> None:
-        """Write the cached state of sequence 0 and its token count to ``path`` atomically."""
+    def state(self) -> bytes:
+        """The cached state of sequence 0 (its KV cells), for ``restore`` on a backend of the
+        same model (a context of any size that holds it)."""
         ctx = self._live_ctx()
+        if self.n_past == 0:
+            return b""
         size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ)
-        if written == 0 and self.n_past:
+        if written == 0:
             raise RuntimeFailure("llama.cpp could not copy the sequence state")
+        return bytes(memoryview(buf)[:written])
+
+    def restore(self, state: bytes, n_past: int) -> bool:
+        """Replace the cache with ``state`` of ``n_past`` tokens; False (cache left empty) when
+        llama.cpp refuses it."""
+        ctx = self._live_ctx()
+        if not 0 <= n_past <= self.n_ctx:
+            return False
+        self.truncate(0)
+        if n_past == 0:
+            return True
+        src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        ok = llama_cpp.llama_state_seq_set_data(ctx, src, len(state), _SEQ) != 0
+        ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, _SEQ) == n_past - 1
+        if not ok:
+            llama_cpp.llama_memory_seq_rm(self._memory, _SEQ, -1, -1)
+            return False
+        self.n_past = n_past
+        return True
+
+    def save_prefix(self, path: str | os.PathLike[str]) -> None:
+        """Write the cached state of sequence 0 and its token count to ``path`` atomically."""
+        state = self.state()
         header = json.dumps({"n_past": self.n_past, **self._fingerprint()}).encode()
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_PREFIX_MAGIC + len(header).to_bytes(4, "little") + header)
-                f.write(memoryview(buf)[:written])
+                f.write(state)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -471,9 +497,9 @@ class Backend:
 
     def load_prefix(self, path: str | os.PathLike[str]) -> bool:
         """Replace the cache with a saved prefix; False (cache left empty) when it does not fit."""
-        ctx = self._live_ctx()
+        self._live_ctx()
         try:
-            blob = bytearray(Path(path).read_bytes())
+            blob = Path(path).read_bytes()
         except OSError:
             return False
         head = len(_PREFIX_MAGIC) + 4
@@ -485,20 +511,9 @@ class Backend:
             n_past = int(header.pop("n_past"))
         except (ValueError, KeyError, TypeError):
             return False
-        if header != self._fingerprint() or not 0 <= n_past <= self.n_ctx:
+        if header != self._fingerprint():
             return False
-        self.truncate(0)
-        state = memoryview(blob)[head + n_header:]
-        if n_past == 0:
-            return True
-        src = (ctypes.c_uint8 * len(state)).from_buffer(state)
-        ok = llama_cpp.llama_state_seq_set_data(ctx, src, len(state), _SEQ) != 0
-        ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, _SEQ) == n_past - 1
-        if not ok:
-            llama_cpp.llama_memory_seq_rm(self._memory, _SEQ, -1, -1)
-            return False
-        self.n_past = n_past
-        return True
+        return self.restore(blob[head + n_header:], n_past)
 
     def close(self) -> None:
         for batch, _ in self._batches.values():

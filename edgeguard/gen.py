@@ -109,9 +109,11 @@ class GenGuard:
             )
         size = min(self._max_ctx, 1 << (needed - 1).bit_length())
         log.info("growing the context to %d tokens", size)
-        self._backend.close()
+        old = self._backend
         self._backend = self._new_backend(size)
-        self._kv = []
+        if not self._backend.restore(old.state(), old.n_past):
+            self._kv = []
+        old.close()
 
     def _first_tokens(self, names: Sequence[str]) -> dict[str, int]:
         ids = {name: self._backend.vocab.tokenize(" " + name)[0] for name in names}

@@ -121,3 +121,13 @@ def test_network_pull_then_check(hub_server):
     assert any(path.endswith("model.safetensors") for _, path in hub_server.requests)
     result = run("check", "hello", "--model", "gen-0.6b", "--json")
     assert result.exit_code in (0, 1), result.output
+
+
+def test_convert_from_a_hub_repo_id(hub_server, tmp_path):
+    out = tmp_path / "converted"
+    result = run("convert", REPO, "--out", str(out), "--quant", "q8_0")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == {"repo": REPO, "revision": COMMIT}
+    assert manifest["name"] == REPO.split("/")[-1].lower()
+    assert list(manifest["files"]) == [f"{manifest['name']}-q8_0.gguf"]
