@@ -20,6 +20,7 @@ import numpy as np
 from edgeguard.backend import Backend
 from edgeguard.errors import InputTooLong, ModelError
 from edgeguard.manifest import Manifest
+from edgeguard.scoring import common_prefix, softmax
 from edgeguard.policy import Policy, decide, load_policy
 from edgeguard.template import ChatTemplate, Message, as_messages, tokenize_pieces
 from edgeguard.verdict import LABELS, Verdict
@@ -32,11 +33,6 @@ GUESS_LABEL = "Safe"
 # The longest read-out continuation: " <label>\nCategories: <category>\nRefusal:".
 READOUT_MARGIN = 32
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max())
-    return z / z.sum()
 
 
 # A prompt check is ~300 template tokens + the text: start with room for that and grow on demand.
@@ -136,7 +132,7 @@ class GenGuard:
             return self._tokens(msgs)
 
         a, b = probe("a"), probe("b")
-        return a[: _common_prefix(a, b)]
+        return a[: common_prefix(a, b)]
 
     def _prefix_file(self, tokens: list[int]) -> Path | None:
         folder = self._options.prefix_cache
@@ -167,7 +163,7 @@ class GenGuard:
         """Next-token logits after ``tokens[: i + 1]`` for each i in ``at`` (default: the last),
         reusing whatever cached prefix matches."""
         at = [len(tokens) - 1] if at is None else list(at)
-        keep = min(_common_prefix(self._kv, tokens), min(at))
+        keep = min(common_prefix(self._kv, tokens), min(at))
         if keep < self._backend.n_past:
             self._backend.truncate(keep)
         self._kv = self._kv[:keep]
@@ -190,7 +186,7 @@ class GenGuard:
         tokens = self._tokens(messages)
         self._ensure_context(len(tokens))
         prefix = self._prefixes[mode]
-        if tokens[: len(prefix)] == prefix and _common_prefix(self._kv, prefix) < len(prefix):
+        if tokens[: len(prefix)] == prefix and common_prefix(self._kv, prefix) < len(prefix):
             self._restore_prefix(prefix)
         t1 = time.perf_counter()
         # One decode reads the label and, speculating on the most common verdict (Safe, no
@@ -265,11 +261,3 @@ class GenGuard:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -68,7 +68,15 @@ class Manifest:
             actual = path.stat().st_size if path.exists() else None
             if actual != expected:
                 state = "missing" if actual is None else f"{actual} bytes, expected {expected}"
-                raise IntegrityError(f"{path}: {state} (corrupted or incomplete; convert or pull the model again)")
+                raise IntegrityError(f"{path}: {state} (corrupted or incomplete); repair with: {self.repair_command()}")
+
+    def repair_command(self) -> str:
+        """The command that rebuilds this model folder."""
+        name = self.source.get("registry_name")
+        if name:
+            return f"edgeguard rm {name} && edgeguard pull {name}"
+        src = self.source.get("repo") or self.source.get("path", "SRC")
+        return f"edgeguard convert {src} --out <this folder> --quant {','.join(self.quants)}"
 
     def verify(self, folder: Path) -> list[str]:
         """Full check of every file's sha256; returns the names of bad files."""

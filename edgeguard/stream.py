@@ -24,6 +24,7 @@ from edgeguard.debounce import Debouncer
 from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
 from edgeguard.heads import Heads
 from edgeguard.manifest import Manifest
+from edgeguard.scoring import common_prefix, softmax
 from edgeguard.policy import Policy, decide, load_policy
 from edgeguard.retokenize import Retokenizer, hard_pair
 from edgeguard.template import ChatTemplate, Message, as_messages, tokenize_pieces
@@ -38,11 +39,6 @@ _PROBE = "\ue000edgeguard-response\ue001"
 INITIAL_CTX = 512
 BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
 
-
-def softmax_rows(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -172,7 +168,7 @@ class StreamGuard:
         """Append ``tokens`` to the cache (reusing the cached common prefix) and return the
         hidden state [1, hidden] of ``tokens[at]``."""
         self._ensure_context(len(tokens), "the conversation")
-        keep = min(_common_prefix(self._kv, tokens), at)
+        keep = min(common_prefix(self._kv, tokens), at)
         if keep < self._backend.n_past:
             self._backend.truncate(keep)
         self._kv = self._kv[:keep]
@@ -191,8 +187,8 @@ class StreamGuard:
 
     # -- verdicts ----------------------------------------------------------------------------
     def _scores(self, kind: str, risk: np.ndarray, category: np.ndarray):
-        scores = dict(zip(self._risk[kind], softmax_rows(risk).tolist()))
-        category_scores = dict(zip(self._categories[kind], softmax_rows(category).tolist()))
+        scores = dict(zip(self._risk[kind], softmax(risk).tolist()))
+        category_scores = dict(zip(self._categories[kind], softmax(category).tolist()))
         return scores, category_scores
 
     def _prompt_verdict(self, out: dict[str, np.ndarray], timings: dict[str, float]) -> Verdict:
@@ -321,7 +317,7 @@ class StreamSession:
             raise
         guard._kv.extend(ids)
         out = guard._heads.run(hidden)
-        risk = softmax_rows(out["response_risk"])
+        risk = softmax(out["response_risk"])
         category = out["response_category"].argmax(axis=-1)
         labels = guard._risk["response"]
         names = guard._categories["response"]
@@ -390,12 +386,6 @@ def _token_id(value) -> int:
     return int(value)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def atomic_texts(vocab: Vocab) -> list[str]:

@@ -80,6 +80,7 @@ def test_truncated_model_file_is_detected_at_load(gen_ckpt, tmp_path):
     result = run("check", "hello", "--model", str(folder), "--quant", "f16")
     assert result.exit_code == 3
     assert "corrupted or incomplete" in result.output and "Traceback" not in result.output
+    assert "repair with: edgeguard convert" in result.output
 
 
 def test_scan_writes_and_resumes(model, tmp_path):

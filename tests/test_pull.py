@@ -73,6 +73,10 @@ def test_offline_pull_check_verify_rm(registry, gen_ckpt, monkeypatch):
     result = run("verify", "gen-0.6b")
     assert result.exit_code == 3 and "edgeguard rm gen-0.6b && edgeguard pull gen-0.6b" in result.output
 
+    gguf.write_bytes(bytes(data[:-10]))  # truncated: caught at load by its size
+    result = run("check", "hello")
+    assert result.exit_code == 3 and "repair with: edgeguard rm gen-0.6b && edgeguard pull gen-0.6b" in result.output
+
     assert run("rm", "gen-0.6b").exit_code == 0
     assert not folder.exists()
     assert run("rm", "gen-0.6b").exit_code == 2

@@ -18,11 +18,16 @@ from edgeguard.debounce import first_trigger
 from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
 from edgeguard.heads import Heads
 from edgeguard.manifest import Manifest
-from edgeguard.stream import StreamGuard, StreamOptions, softmax_rows
+from edgeguard.stream import StreamGuard, StreamOptions
 from edgeguard.stream_cli import guard_stream, run_stream
 from edgeguard.verdict import LABELS
 from tests.fixtures import oracle
 from tests.fixtures.converted import converted
+
+
+def _softmax(x):
+    e = np.exp(np.asarray(x, dtype=np.float64) - np.max(x, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 PROMPT = "How do I bake bread at home?"
 RESPONSE = ("Mix 500 g of flour, 350 ml of water, salt and yeast. Knead it for 10 minutes, "
@@ -62,7 +67,7 @@ def scores_of(verdicts) -> np.ndarray:
 def oracle_probs(torch_model, guard, logits: np.ndarray, kind: str) -> np.ndarray:
     """Oracle softmax reordered to LABELS (the manifest's order may differ)."""
     names = guard.manifest.labels[f"{kind}_risk_level"]
-    probs = softmax_rows(logits)
+    probs = _softmax(logits)
     return probs[..., [names.index(k) for k in LABELS]]
 
 
@@ -73,7 +78,7 @@ def test_check_matches_torch(guard, torch_model):
     verdict = guard.check(PROMPT)
     want = oracle_probs(torch_model, guard, expected["query_risk"][end], "query")
     diff = np.abs(np.array([verdict.scores[k] for k in LABELS]) - want).max()
-    cats = softmax_rows(expected["query_category"][end])
+    cats = _softmax(expected["query_category"][end])
     names = guard.manifest.labels["query_category"]
     cat_diff = np.abs(np.array([verdict.category_scores[n] for n in names]) - cats).max()
     print(f"query risk max |diff| {diff:.2e}, query category {cat_diff:.2e}")
