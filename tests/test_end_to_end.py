@@ -42,15 +42,25 @@ def _args(messages):
     return args
 
 
-@pytest.mark.parametrize("messages,label,category,refusal", GEN_EXAMPLES,
-                         ids=[m[0]["content"][:30] for m, *_ in GEN_EXAMPLES])
-def test_gen_cli_gives_the_trained_verdict(gen_model, messages, label, category, refusal):
-    result = CliRunner().invoke(main, [*_args(messages), "--model", gen_model, "--json"])
-    verdict = json.loads(result.stdout)
-    assert verdict["label"] == label, verdict
-    assert verdict["categories"] == ([] if category == "None" else [category])
-    assert verdict["refusal"] == refusal
-    assert result.exit_code == (0 if label == "Safe" else 1)
+def test_gen_cli_gives_the_trained_verdicts(gen_model):
+    """Through `edgeguard check --json` (llama.cpp): the same verdict as the PyTorch model's
+    read-outs on every held-out conversation, and the expected one on most of them."""
+    from transformers import AutoTokenizer
+
+    from tests.fixtures.oracle import load_torch
+    from tests.test_trained import GEN_MIN_ACCURACY, oracle_verdict
+
+    ckpt = trained_gen_checkpoint()
+    tok, model = AutoTokenizer.from_pretrained(str(ckpt)), load_torch(ckpt)
+    right = 0
+    for messages, label, category, refusal in GEN_EXAMPLES:
+        result = CliRunner().invoke(main, [*_args(messages), "--model", gen_model, "--json"])
+        verdict = json.loads(result.stdout)
+        got = (verdict["label"], (verdict["categories"] or ["None"])[0], verdict["refusal"])
+        assert got == oracle_verdict(model, tok, messages)[1], (messages, verdict)
+        assert result.exit_code == (0 if verdict["label"] == "Safe" else 1)
+        right += got == (label, category, refusal)
+    assert right >= GEN_MIN_ACCURACY * len(GEN_EXAMPLES)
 
 
 def test_generate_agrees_with_scoring(gen_model):
