@@ -197,21 +197,6 @@ class Vocab:
         raise RuntimeFailure(f"llama.cpp could not detokenize {len(tokens)} tokens")
 
     def meta(self, key: str) -> str | None:
-        """A GGUF metadata value as text (for example ``tokenizer.chat_template``), or None."""
-        if self._model is None:
-            raise RuntimeFailure("the vocabulary is closed")
-        size = 4096
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8")
-            size = n + 1
-        raise RuntimeFailure(f"llama.cpp could not read metadata {key!r}")
-
-    def meta(self, key: str) -> str | None:
         """A GGUF metadata value as text (for example ``tokenizer.chat_template``), None if absent."""
         if self._model is None:
             raise RuntimeFailure("the vocabulary is closed")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from tests.fixtures.oracle import load_torch, next_token_logits, stream_logits  # noqa: E402
 from tests.fixtures.trained import (  # noqa: E402
