@@ -37,7 +37,7 @@ def parse_quants(text: str | None) -> tuple[str, ...]:
 def quantize(src: Path, dst: Path, quant: str, *, threads: int | None = None, verbose: bool = False) -> None:
     import llama_cpp  # heavy: imported only when quantizing
 
-    from edgeguard.backend import _init_llama as init_llama
+    from edgeguard.backend import init_llama
 
     init_llama(verbose)  # routes (silences) llama.cpp's log
 

@@ -41,7 +41,7 @@ def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 _backend_ready = False
 
 
-def _init_llama(verbose: bool) -> None:
+def init_llama(verbose: bool) -> None:
     """Initialise llama.cpp once per process; route its log (process-wide: the last call wins)."""
     global _backend_ready
     llama_cpp.llama_log_set(_STDERR_LOG if verbose else _quiet_log, ctypes.c_void_p(0))
@@ -78,7 +78,7 @@ def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers:
         raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
     if magic != _GGUF_MAGIC:
         raise ModelError(f"not a GGUF file: {path}")
-    _init_llama(verbose)
+    init_llama(verbose)
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = n_gpu_layers

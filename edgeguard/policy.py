@@ -31,10 +31,7 @@ from typing import Union
 from edgeguard.errors import UsageError
 from edgeguard.verdict import LABELS
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from edgeguard.tomlfile import read_toml
 
 # The real Qwen3Guard names: the eight response categories, plus Jailbreak for prompts.
 KNOWN_CATEGORIES = (
@@ -167,12 +164,7 @@ def load_policy(
 
 
 def _parse_policy_file(path: Path) -> Policy:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: cannot read policy file: {error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"{path}: malformed TOML: {error}") from None
+    data = read_toml(path, "policy file")
     for key in data:
         if key not in ("policy", "categories"):
             raise UsageError(f"{path}: unknown key {key!r} (expected [policy] and [categories])")

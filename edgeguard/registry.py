@@ -18,10 +18,7 @@ from types import MappingProxyType
 
 from edgeguard.errors import UsageError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from edgeguard.tomlfile import read_toml
 
 KINDS = ("gen", "stream")
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
@@ -156,12 +153,7 @@ def load_registry(paths: Iterable[str | os.PathLike[str]] | None = None) -> dict
 
 
 def _read_registry_file(path: Path) -> dict[str, ModelSpec]:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: cannot read model registry: {error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"{path}: malformed TOML: {error}") from None
+    data = read_toml(path, "model registry")
     specs = {}
     for name, entry in data.items():
         if not isinstance(entry, dict):
