@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -22,8 +23,10 @@ from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)
 _GGUF_MAGIC = b"GGUF"
-_PREFIX_MAGIC = b"EGKVSEQ1"
+_PREFIX_MAGIC = b"EGKVSEQ2"  # 2: a sha256 of the content follows the magic
 _SEQ = 0
+
+log = logging.getLogger("edgeguard.backend")
 
 _native_error = [""]
 _KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
@@ -466,39 +469,53 @@ class Backend:
         return True
 
     def save_prefix(self, path: str | os.PathLike[str]) -> None:
-        """Write the cached state of sequence 0 and its token count to ``path`` atomically."""
+        """Write the cached state of sequence 0 and its token count to ``path`` atomically.
+
+        Layout: magic, sha256 of everything after it, header length, JSON header, KV state.
+        The digest covers the whole content, so a damaged file is caught before llama.cpp
+        sees it (a flipped byte inside the KV state would otherwise change verdicts silently).
+        """
         state = self.state()
         header = json.dumps({"n_past": self.n_past, **self._fingerprint()}).encode()
+        body = len(header).to_bytes(4, "little") + header + state
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(_PREFIX_MAGIC + len(header).to_bytes(4, "little") + header)
-                f.write(state)
+                f.write(_PREFIX_MAGIC + hashlib.sha256(body).digest() + body)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     def load_prefix(self, path: str | os.PathLike[str]) -> bool:
-        """Replace the cache with a saved prefix; False (cache left empty) when it does not fit."""
+        """Replace the cache with a saved prefix; False (cache left empty) when it does not fit.
+
+        A file whose checksum does not match its content is a miss (with one warning): the
+        caller recomputes the prefix and rewrites the file, so damage never reaches a verdict.
+        """
         self._live_ctx()
         try:
             blob = Path(path).read_bytes()
         except OSError:
             return False
-        head = len(_PREFIX_MAGIC) + 4
-        if len(blob) < head or blob[:len(_PREFIX_MAGIC)] != _PREFIX_MAGIC:
+        start = len(_PREFIX_MAGIC) + hashlib.sha256().digest_size
+        if len(blob) < start + 4 or blob[:len(_PREFIX_MAGIC)] != _PREFIX_MAGIC:
             return False
-        n_header = int.from_bytes(blob[len(_PREFIX_MAGIC):head], "little")
+        if hashlib.sha256(blob[start:]).digest() != blob[len(_PREFIX_MAGIC):start]:
+            log.warning("prefix cache %s is damaged (checksum mismatch); recomputing it", path)
+            return False
+        n_header = int.from_bytes(blob[start:start + 4], "little")
         try:
-            header = json.loads(blob[head:head + n_header])
+            header = json.loads(blob[start + 4:start + 4 + n_header])
             n_past = int(header.pop("n_past"))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return False
         if header != self._fingerprint():
             return False
-        return self.restore(blob[head + n_header:], n_past)
+        return self.restore(blob[start + 4 + n_header:], n_past)
 
     def close(self) -> None:
         for batch, _ in self._batches.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,13 @@ from edgeguard.hub import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
+CHECKSUM_KEY = "manifest_sha256"
+
+
+def _content_sha256(data: dict) -> str:
+    """sha256 of the manifest's content in a canonical form (key order and spacing free)."""
+    canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def file_entry(path: Path, **extra) -> dict:
@@ -32,10 +40,16 @@ class Manifest:
     format: int = FORMAT
 
     def write(self, folder: Path) -> None:
+        """Write atomically, with a sha256 of the content (``manifest_sha256``) that ``read``
+        checks, so a damaged or hand-edited manifest is never trusted."""
         data = asdict(self)
         data["quants"] = list(self.quants)
+        data[CHECKSUM_KEY] = _content_sha256(data)
         tmp = folder / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, folder / MANIFEST_NAME)
 
     @classmethod
@@ -43,13 +57,18 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            recorded = data.pop(CHECKSUM_KEY, None)
+            # Manifests written before the checksum existed have none; they are read as before.
+            if recorded is not None and recorded != _content_sha256(data):
+                raise IntegrityError(f"{path}: checksum mismatch (a damaged or edited manifest); "
+                                     "convert or pull the model again")
             data["quants"] = tuple(data["quants"])
             if data.get("format") != FORMAT:
                 raise ModelError(f"{path}: manifest format {data.get('format')} is not supported (need {FORMAT})")
             return cls(**data)
         except FileNotFoundError as e:
             raise ModelError(f"{folder}: no {MANIFEST_NAME} (not a converted edgeguard model)") from e
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise ModelError(f"{path}: unreadable manifest ({e})") from e
 
     def file_for(self, role: str, quant: str | None = None) -> str:

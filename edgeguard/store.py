@@ -9,6 +9,7 @@ an interrupted pull never leaves a model that later loads.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from edgeguard.manifest import MANIFEST_NAME, Manifest
 from edgeguard.registry import ModelSpec
 
 Progress = Callable[[str], None]
+log = logging.getLogger("edgeguard.store")
 
 
 def models_dir() -> Path:
@@ -35,7 +37,23 @@ def model_dir(spec: ModelSpec, quant: str) -> Path:
 
 
 def is_pulled(spec: ModelSpec, quant: str) -> bool:
-    return (model_dir(spec, quant) / MANIFEST_NAME).is_file()
+    return _manifest_intact(model_dir(spec, quant))
+
+
+def _manifest_intact(folder: Path) -> bool:
+    """Whether ``folder`` holds a manifest that reads and matches its own checksum."""
+    try:
+        Manifest.read(folder)
+    except ModelError:
+        return False
+    return True
+
+
+def _warn_if_damaged(folder: Path) -> None:
+    """One warning when a cached conversion is about to be redone because its manifest is
+    damaged (the conversion then replaces the whole folder atomically)."""
+    if (folder / MANIFEST_NAME).is_file():
+        log.warning("%s: damaged manifest (checksum or format); converting the model again", folder)
 
 
 def pull(spec: ModelSpec, quant: str | None = None, *, offline: bool | None = None,
@@ -47,6 +65,7 @@ def pull(spec: ModelSpec, quant: str | None = None, *, offline: bool | None = No
     out = model_dir(spec, quant)
     if is_pulled(spec, quant):
         return out
+    _warn_if_damaged(out)
     progress(f"fetching {spec.repo} at {spec.revision[:12]}")
     folder, commit = hub.fetch_checkpoint(spec, offline=offline, progress=True)
     progress(f"converting {spec.name} to {quant}")
@@ -114,7 +133,8 @@ def converted_checkpoint(ckpt: Path, quant: str, progress: Progress = lambda m: 
             stat = path.stat()
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     out = hub.cache_dir() / "converted" / f"{ckpt.name}-{quant}-{digest.hexdigest()[:12]}"
-    if not (out / MANIFEST_NAME).is_file():
+    if not _manifest_intact(out):
+        _warn_if_damaged(out)
         progress(f"converting {ckpt} to {quant} (once; cached in {out.parent})")
         convert(ckpt, out, ConvertOptions(quants=(quant,), name=ckpt.name.lower()), progress=progress)
     return out
