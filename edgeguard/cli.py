@@ -324,3 +324,9 @@ def stream(prompt, response, policy, as_json, follow, model, quant, offline, thr
     from edgeguard.policy import decide
 
     sys.exit(1 if state.flagged and decide(guard.policy, state.label, [state.category] if state.category else []) else 0)
+
+
+# -- eval (its own module; registered last because it imports the helpers above) -----------
+from edgeguard.eval_cli import eval_command  # noqa: E402
+
+main.add_command(eval_command)
