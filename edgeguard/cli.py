@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -23,33 +24,57 @@ def _progress(message: str) -> None:
     click.echo(f"edgeguard: {message}", err=True)
 
 
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Exit with ``code`` after a one-line message; --debug adds the traceback first but never
+    changes the code (scripts read it: 1 means "flagged", never "crashed")."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    click.echo(f"edgeguard: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _exit_codes(fn, debug: bool):
+    """Run ``fn`` and map whatever it raises to the documented exit codes: an EdgeguardError
+    to its own code, an OSError or any unexpected exception to 3, Ctrl-C to 130. Click's own
+    exceptions (usage errors: 2) and sys.exit pass through."""
+    try:
+        return fn()
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except KeyboardInterrupt:
+        click.echo("edgeguard: interrupted", err=True)
+        sys.exit(130)
+    except EdgeguardError as e:
+        _fail(str(e), e.exit_code, debug)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}", 3, debug)
+    except Exception as e:  # a bug: still one line and the runtime code, never 1 ("flagged")
+        _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", 3, debug)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool((ctx.find_root().params or {}).get("debug", False))
+
+
 def handle_errors(fn):
     """One-line message and the error's exit code; the traceback only with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        debug = (ctx.find_root().params or {}).get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except EdgeguardError as e:
-            if debug:
-                raise
-            click.echo(f"edgeguard: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("edgeguard: interrupted", err=True)
-            sys.exit(130)
-        except OSError as e:
-            if debug:
-                raise
-            click.echo(f"edgeguard: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
-            sys.exit(3)
+        return _exit_codes(lambda: fn(*args, **kwargs), _debug(click.get_current_context()))
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Every command, decorated with ``handle_errors`` or not, exits with a documented code."""
+
+    def invoke(self, ctx: click.Context):
+        return _exit_codes(lambda: super(_Group, self).invoke(ctx), _debug(ctx))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (including llama.cpp's own log) to stderr.")
 @click.version_option(package_name="edgeguard")
@@ -170,23 +195,36 @@ def check(text, response, engine, policy, as_json, generate, model, quant, offli
 
 @main.command()
 @click.argument("infile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Output JSONL ('-': stdout, which cannot be resumed).")
+@click.option("--restart", is_flag=True, help="Overwrite --out instead of resuming it.")
 @click.option("--engine", type=click.Choice(["gen", "stream"]), default=None)
 @click.option("--policy", default="strict", show_default=True)
 @model_options
 @handle_errors
-def scan(infile, outfile, engine, policy, model, quant, offline, threads):
+def scan(infile, outfile, restart, engine, policy, model, quant, offline, threads):
     """Check every line of IN.jsonl ({"prompt", "response"?, "id"?}) into OUT.jsonl.
 
-    Results are written as they are produced; rerunning an interrupted scan resumes after the
-    last complete output line. Malformed lines get an {"error": ...} line and a warning.
-    """
-    from edgeguard.scan import run_scan
+    One output line per input line, written as it is produced. Rerunning resumes after the
+    last complete output line, but only when OUT.jsonl.scan.json shows the same input lines,
+    model, quant, policy and engine (else exit 2; --restart starts over). Blank lines give
+    {"line", "skipped"}, lines that cannot be checked {"line", "id"?, "error"}.
 
+    Exit status: 0 every line checked and none flagged, 1 some line flagged, 2 no line flagged
+    but some malformed (or a usage error), 3 model or runtime error. Counts go to stderr.
+    """
+    from edgeguard.loader import resolve
+    from edgeguard.scan import identity, run_scan
+
+    _, _, loaded_quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=_progress)
+    to_stdout = outfile == "-"
     with _load(model, quant, engine, policy, offline, threads) as guard:
-        stats = run_scan(guard, infile, outfile, progress=_progress)
-    _progress(f"scanned {stats.done} lines ({stats.skipped} already done, {stats.errors} malformed, "
-              f"{stats.flagged} flagged) -> {outfile}")
+        stats = run_scan(guard, infile, None if to_stdout else Path(outfile), identity=identity(guard, loaded_quant),
+                         restart=restart, stdout=sys.stdout.buffer if to_stdout else None)
+    resumed = f", {stats.skipped} kept from an earlier run" if stats.skipped else ""
+    _progress(f"scanned {stats.done} lines{resumed}: {stats.flagged} flagged, {stats.malformed} malformed, "
+              f"{stats.blank} blank -> {'stdout' if to_stdout else outfile}")
+    sys.exit(stats.exit_code)
 
 
 # -- registry and local store -----------------------------------------------------------

@@ -1,38 +1,78 @@
-"""`edgeguard scan`: a JSONL dataset through a guard, resumable, one output line per input line."""
+"""`edgeguard scan`: a JSONL dataset through a guard, resumable, one output line per input line.
+
+Each input line gives exactly one output line: the verdict (plus the input's ``id``, or its
+``line`` number), ``{"line", "id"?, "error"}`` for a line that cannot be checked, or
+``{"line", "skipped": "blank line"}`` for a blank one. That one-to-one order is what makes a
+resume exact: the output's line count is the number of input lines done. ``scan_record`` holds
+what the output is a scan of and the lock against a second writer.
+"""
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import os
-import sys
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO
 
+from edgeguard import progress as progress_ui
 from edgeguard.errors import UsageError
+from edgeguard.scan_record import (
+    Record,
+    differences,
+    input_digest,
+    lock_exclusively,
+    record_path,
+    write_atomically,
+)
 
 
 @dataclass
 class ScanStats:
-    done: int = 0
-    skipped: int = 0
-    errors: int = 0
+    """Counts over the whole output (lines kept from an earlier run included)."""
+
+    done: int = 0  # lines checked by this run
+    skipped: int = 0  # lines already in the output from an earlier run
+    malformed: int = 0  # lines that could not be checked (an "error" line)
     flagged: int = 0
+    blank: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """1 when any line is flagged (the safety signal wins), else 2 when any line is
+        malformed (some input was never judged), else 0."""
+        if self.flagged:
+            return 1
+        return 2 if self.malformed else 0
+
+    def count(self, record: dict) -> None:
+        if "error" in record:
+            self.malformed += 1
+        elif "skipped" in record:
+            self.blank += 1
+        elif record.get("flagged") is True:
+            self.flagged += 1
 
 
-def _completed_lines(outfile: Path) -> int:
-    """Complete lines already in ``outfile``; a torn last line (no newline) is cut off."""
-    if not outfile.exists():
-        return 0
-    with open(outfile, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            f.truncate(end)
-    return data[:end].count(b"\n")
+def identity(guard, quant: str) -> dict:
+    """What a scan's results depend on: model (name, quant, GGUF sha256), policy and engine."""
+    manifest = guard.manifest
+    gguf = manifest.file_for("model", quant)
+    policy = guard.policy
+    rules = {"flag_controversial": policy.flag_controversial, "categories": dict(policy.categories)}
+    return {
+        "model": {"name": manifest.name, "quant": quant, "sha256": manifest.files[gguf]["sha256"]},
+        "policy": {"name": policy.name,
+                   "sha256": hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()},
+        "engine": guard.engine,
+    }
 
 
-def _parse(raw: bytes, number: int) -> tuple[dict | None, str | None]:
+def _parse(raw: bytes) -> tuple[dict | None, str | None]:
+    """The input object, or None and why it cannot be checked (``id`` kept when readable)."""
     try:
         item = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -43,55 +83,162 @@ def _parse(raw: bytes, number: int) -> tuple[dict | None, str | None]:
         return None, "not a JSON object"
     prompt, response = item.get("prompt"), item.get("response")
     if not isinstance(prompt, str) or not prompt.strip():
-        return None, "missing or empty \"prompt\""
+        return item, "missing or empty \"prompt\""
     if response is not None and (not isinstance(response, str) or not response.strip()):
-        return None, "\"response\" must be non-empty text"
+        return item, "\"response\" must be non-empty text"
+    if "\x00" in prompt or (response and "\x00" in response):
+        return item, "contains NUL characters"
     return item, None
 
 
-def run_scan(guard, infile: Path, outfile: Path, progress: Callable[[str], None] = lambda m: None) -> ScanStats:
-    if infile.resolve() == outfile.resolve():
-        raise UsageError("--out must differ from the input file")
-    stats = ScanStats()
-    with open(infile, "rb") as f:
-        total = sum(1 for _ in f)
-    already = _completed_lines(outfile)
-    if already > total:
-        raise UsageError(f"{outfile} has more lines ({already}) than {infile} ({total}): not a scan of it")
-    stats.skipped = already
-    tty = sys.stderr.isatty()
-    with open(infile, "rb") as src, open(outfile, "ab") as dst:
-        for number, raw in enumerate(src, 1):
-            if number <= already:
-                continue
-            item, error = _parse(raw.rstrip(b"\r\n"), number) if raw.strip() else (None, "empty line")
-            if error is not None:
-                record = {"line": number, "error": error}
-                stats.errors += 1
-                progress(f"{infile.name}:{number}: skipped: {error}")
+def _check_line(guard, raw: bytes, number: int) -> tuple[dict, str | None]:
+    """The output record of one input line, and the warning to show when it is not a verdict."""
+    if not raw.strip():
+        return {"line": number, "skipped": "blank line"}, None
+    if number == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]  # editors on Windows write one; it is not content
+    item, error = _parse(raw.rstrip(b"\r\n"))
+    if error is None:
+        try:
+            if guard.engine == "stream" and item.get("response") is not None:
+                raise UsageError("the stream engine's scan checks prompts only")
+            response = item.get("response")
+            verdict = guard.check(item["prompt"], response) if response else guard.check(item["prompt"])
+        except UsageError as e:
+            error = str(e)
+        else:
+            record = verdict.to_dict()
+            if "id" in item:
+                record["id"] = item["id"]
             else:
-                try:
-                    if guard.engine == "stream" and item.get("response") is not None:
-                        raise UsageError("the stream engine's scan checks prompts only")
-                    verdict = guard.check(item["prompt"], item.get("response")) if item.get("response") else guard.check(item["prompt"])
-                except UsageError as e:
-                    record = {"line": number, "error": str(e)}
-                    stats.errors += 1
-                    progress(f"{infile.name}:{number}: skipped: {e}")
-                else:
-                    record = verdict.to_dict()
-                    stats.flagged += verdict.flagged
-                    if "id" in item:
-                        record["id"] = item["id"]
-                    else:
-                        record["line"] = number
-            dst.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-            dst.flush()
+                record["line"] = number
+            return record, None
+    record = {"line": number, "error": error}
+    if isinstance(item, dict) and "id" in item:
+        record["id"] = item["id"]
+    return record, f"line {number}: skipped: {error}"
+
+
+def _count_lines(infile: Path) -> int:
+    with open(infile, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _keep_complete_lines(out: BinaryIO, keep: int, stats: ScanStats) -> int:
+    """Cut ``out`` after its first ``keep`` complete lines (a torn last line is always cut),
+    count what is kept into ``stats``; the number kept."""
+    out.seek(0)
+    lines = out.read().split(b"\n")[:-1][:keep]  # the last piece has no newline: torn or empty
+    for line in lines:
+        try:
+            stats.count(json.loads(line))
+        except (ValueError, TypeError):
+            raise UsageError(f"{out.name} has a line that is not JSON; it was not written by a scan "
+                             "(rerun with --restart to overwrite it)") from None
+    size = sum(len(line) + 1 for line in lines)
+    out.truncate(size)
+    out.seek(size)
+    return len(lines)
+
+
+def _resume_point(out: BinaryIO, infile: Path, outfile: Path, current: dict, stats: ScanStats) -> int:
+    """How many input lines the output already holds, after checking it is a scan of this
+    input with this model and policy; the output is cut to exactly those lines."""
+    record_file = record_path(outfile)
+    if not record_file.exists():
+        if os.fstat(out.fileno()).st_size:  # refused untouched: it may be someone else's file
+            raise UsageError(f"{outfile} exists but has no scan record ({record_file.name}), so it cannot be "
+                             "resumed safely; rerun with --restart to overwrite it, or choose another --out")
+        return 0
+    record = Record.read(record_file)
+    changed = differences(record.identity, current)
+    if changed:
+        raise UsageError(f"{outfile} is a scan with a different {'; '.join(changed)}; "
+                         "rerun with --restart to scan again from the start, or choose another --out")
+    digest, n = input_digest(infile, record.lines)
+    if n < record.lines or digest != record.input_sha256:
+        raise UsageError(f"{infile} is not the input {outfile} was scanned from (its first {record.lines} "
+                         "lines differ); rerun with --restart to scan it from the start, or choose another --out")
+    # Lines past the record (a crash between writing a line and the record) are redone.
+    return _keep_complete_lines(out, record.lines, stats)
+
+
+def _is_stream(outfile: Path) -> bool:
+    """Whether ``outfile`` is a device, pipe or terminal rather than a file that can be locked,
+    cut and resumed (and have a record written beside it)."""
+    if str(outfile.absolute()).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return not stat.S_ISREG(outfile.stat().st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise UsageError(f"cannot use --out {outfile}: {e.strerror or e}") from None
+
+
+def _open_or_fail(outfile: Path, flags: int) -> BinaryIO:
+    try:
+        fd = os.open(outfile, flags, 0o666)
+    except OSError as e:
+        raise UsageError(f"cannot open --out {outfile}: {e.strerror or e}") from None
+    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "wb")
+
+
+def run_scan(guard, infile: Path, outfile: Path | None, *, identity: dict, restart: bool = False,
+             stdout: BinaryIO | None = None, show_progress: bool = True) -> ScanStats:
+    """Scan ``infile`` into ``outfile`` (None: into ``stdout``, which cannot resume)."""
+    infile = Path(infile)
+    if outfile is None:
+        return _scan_into(guard, infile, stdout, ScanStats(), start=0, show_progress=show_progress)
+    outfile = Path(outfile)
+    if outfile.exists() and infile.resolve() == outfile.resolve():
+        raise UsageError("--out must differ from the input file")
+    if _is_stream(outfile):  # /dev/stdout, a pipe: written as a stream, nothing to resume
+        with _open_or_fail(outfile, os.O_WRONLY) as out:
+            return _scan_into(guard, infile, out, ScanStats(), start=0, show_progress=show_progress)
+    with _open_or_fail(outfile, os.O_RDWR | os.O_CREAT) as out:
+        fd = out.fileno()
+        lock_exclusively(fd, outfile)
+        stats = ScanStats()
+        if restart:
+            out.truncate(0)
+            start = 0
+        else:
+            start = _resume_point(out, infile, outfile, identity, stats)
+        stats.skipped = start
+
+        def record(lines: int, input_sha256: str) -> None:
+            write_atomically(record_path(outfile), Record(identity, lines, input_sha256).to_json())
+
+        _scan_into(guard, infile, out, stats, start=start, show_progress=show_progress, on_line=record)
+        out.flush()
+        os.fsync(out.fileno())
+    return stats
+
+
+def _scan_into(guard, infile: Path, out: BinaryIO, stats: ScanStats, *, start: int, show_progress: bool,
+               on_line=None) -> ScanStats:
+    """Check the input lines after ``start`` into ``out``; ``on_line(lines, input_sha256)``
+    after each line written."""
+    digest = hashlib.sha256()
+    bar = progress_ui.bar(total=_count_lines(infile), initial=start, desc="scan", unit="line",
+                          enabled=show_progress)
+    with bar, open(infile, "rb") as src:
+        if on_line is not None and start == 0:
+            on_line(0, digest.hexdigest())  # the record exists before the first line does
+        for number, raw in enumerate(src, 1):
+            digest.update(raw)
+            if number <= start:
+                continue
+            record, warning = _check_line(guard, raw, number)
+            if warning:
+                progress_ui.message(f"{infile.name}: {warning}")
+            out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            out.flush()
             stats.done += 1
-            if tty:
-                sys.stderr.write(f"\rscanning {number}/{total}")
-                sys.stderr.flush()
-        os.fsync(dst.fileno())
-    if tty:
-        sys.stderr.write("\n")
+            stats.count(record)
+            if on_line is not None:
+                on_line(number, digest.hexdigest())
+            bar.set_postfix_str(f"{stats.flagged} flagged", refresh=False)
+            bar.update(1)
     return stats
