@@ -6,6 +6,8 @@
     >>> verdict.label, verdict.flagged
 """
 
+from importlib.metadata import PackageNotFoundError, version as _version
+
 from edgeguard.errors import EdgeguardError, InputTooLong, ModelError, UsageError
 from edgeguard.verdict import StreamState, TokenVerdict, Verdict
 
@@ -21,7 +23,10 @@ __all__ = [
     "guard_stream",
     "load",
 ]
-__version__ = "0.1.0"
+try:
+    __version__ = _version("edgeguard")  # one source: pyproject.toml, through the package metadata
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 
 def load(model=None, quant=None, **kwargs):

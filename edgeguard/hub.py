@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,27 +23,17 @@ ENV_CACHE_DIR = "EDGEGUARD_CACHE_DIR"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-def _platform_cache_dir(platform: str, env: Mapping[str, str], home: Path) -> Path:
-    if platform == "win32":
-        local = env.get("LOCALAPPDATA")
-        return (Path(local) if local else home / "AppData" / "Local") / "edgeguard" / "Cache"
-    if platform == "darwin":
-        return home / "Library" / "Caches" / "edgeguard"
-    xdg = env.get("XDG_CACHE_HOME")
-    # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "edgeguard"
-    return home / ".cache" / "edgeguard"
-
-
 def cache_dir() -> Path:
     """edgeguard's cache folder (not created here): ``$EDGEGUARD_CACHE_DIR``, else the
-    platform's user cache: ``$XDG_CACHE_HOME/edgeguard`` or ``~/.cache/edgeguard`` (Linux),
-    ``~/Library/Caches/edgeguard`` (macOS), ``%LOCALAPPDATA%\\edgeguard\\Cache`` (Windows)."""
+    platform's user cache from platformdirs: ``$XDG_CACHE_HOME/edgeguard`` or
+    ``~/.cache/edgeguard`` (Linux), ``~/Library/Caches/edgeguard`` (macOS),
+    ``%LOCALAPPDATA%\\edgeguard\\Cache`` (Windows)."""
     env = os.environ.get(ENV_CACHE_DIR)
     if env:
         return Path(env).expanduser()
-    return _platform_cache_dir(sys.platform, os.environ, Path.home())
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("edgeguard", appauthor=False))
 
 
 def hf_cache_dir() -> Path:

@@ -122,10 +122,12 @@ def packaged_registry_path() -> Path:
 
 
 def config_dir() -> Path:
-    """Where edgeguard reads user configuration (click's per-platform app dir)."""
-    import click
+    """Where edgeguard reads user configuration: the platform's user config folder
+    (``$XDG_CONFIG_HOME/edgeguard`` or ``~/.config/edgeguard`` on Linux)."""
+    import platformdirs
 
-    return Path(click.get_app_dir("edgeguard"))
+    # roaming: on Windows %APPDATA%, where this folder was before platformdirs
+    return Path(platformdirs.user_config_dir("edgeguard", appauthor=False, roaming=True))
 
 
 def user_registry_path() -> Path | None:
