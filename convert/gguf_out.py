@@ -7,11 +7,11 @@ bf16 bits are copied as they are, 1-D norms go to f32 as llama.cpp expects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
+from edgeguard.progress import bar
 from edgeguard_convert.checkpoint import Checkpoint
 from edgeguard_convert.tokenizer import TokenizerData
 
@@ -37,8 +37,6 @@ _MASTER_TYPES = {
 # The backbone-only GGUF (Stream) keeps a few placeholder tokens: llama.cpp needs a
 # vocabulary, and the tied output projection over it then costs nothing.
 DUMMY_VOCAB = 8
-
-Progress = Callable[[str], None]
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -140,9 +138,10 @@ def write_model_gguf(
     *,
     name: str,
     context: int,
-    progress: Progress = lambda msg: None,
+    show_progress: bool = False,
 ) -> str:
     """Write the lossless GGUF; ``tok=None`` writes the Stream backbone with a dummy vocabulary.
+    ``show_progress``: a bar of the tensors written on stderr.
 
     Returns the master dtype name ("BF16", "F16" or "F32").
     """
@@ -163,10 +162,10 @@ def write_model_gguf(
     w.write_header_to_file(path)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for n, (gguf_name, hf_name) in enumerate(plan, 1):
-        w.write_tensor_data(_tensor_data(ckpt, hf_name, master))
-        if n % 16 == 0 or n == len(plan):
-            progress(f"writing {path.name}: {n}/{len(plan)} tensors")
+    with bar(total=len(plan), desc=f"writing {path.name}", unit="tensor", enabled=show_progress) as tensors:
+        for gguf_name, hf_name in plan:
+            w.write_tensor_data(_tensor_data(ckpt, hf_name, master))
+            tensors.update(1)
     w.close()
     return master
 

@@ -48,6 +48,7 @@ class ConvertOptions:
     context: int | None = None  # default: the checkpoint's max_position_embeddings
     source: dict | None = None  # recorded in the manifest (repo, revision); default: the folder
     threads: int | None = None
+    show_progress: bool = False  # bars (tensors written, tensors quantized) on stderr
 
 
 def default_name(src: Path, ckpt: Checkpoint) -> str:
@@ -133,7 +134,8 @@ def _convert_into(stage, ckpt, tok, name, context, options, progress) -> dict:
     stream = ckpt.kind == "stream"
     master_path = stage / f".{name}-master.gguf"
     progress("writing lossless GGUF" + (" backbone" if stream else ""))
-    master = write_model_gguf(ckpt, None if stream else tok, master_path, name=name, context=context)
+    master = write_model_gguf(ckpt, None if stream else tok, master_path, name=name, context=context,
+                              show_progress=options.show_progress)
     lossless = _master_suffix(master)
     for quant in sorted(options.quants, key=lambda q: q == lossless):
         path = stage / f"{name}-{quant}.gguf"
@@ -141,7 +143,7 @@ def _convert_into(stage, ckpt, tok, name, context, options, progress) -> dict:
             os.replace(master_path, path)
         else:
             progress(f"quantizing to {quant}")
-            quantize(master_path, path, quant, threads=options.threads)
+            quantize(master_path, path, quant, threads=options.threads, show_progress=options.show_progress)
         files[path.name] = file_entry(path, role="model", quant=quant)
     master_path.unlink(missing_ok=True)
     if stream:

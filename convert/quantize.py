@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgeguard.errors import ConversionError, UsageError
@@ -34,9 +37,42 @@ def parse_quants(text: str | None) -> tuple[str, ...]:
     return quants
 
 
-def quantize(src: Path, dst: Path, quant: str, *, threads: int | None = None, verbose: bool = False) -> None:
+# llama.cpp logs "[  12/ 311] blk.1.attn_q.weight - ..." as it quantizes each tensor: the only
+# progress signal its quantizer gives.
+_TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
+
+
+@contextmanager
+def _tensor_progress(bar, verbose: bool):
+    """Route llama.cpp's log into ``bar`` (tensors done) while quantizing, then back."""
+    import llama_cpp
+
+    from edgeguard.backend import init_llama
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        match = _TENSOR_LINE.match(text or b"")
+        if match:
+            done, total = int(match.group(1)), int(match.group(2))
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.update(done - bar.n)
+        if verbose:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        init_llama(verbose)  # the backend's routing again; on_log may be freed after this
+
+
+def quantize(src: Path, dst: Path, quant: str, *, threads: int | None = None, verbose: bool = False,
+             show_progress: bool = False) -> None:
+    """``show_progress``: a bar of the tensors quantized so far on stderr."""
     import llama_cpp  # heavy: imported only when quantizing
 
+    from edgeguard import progress
     from edgeguard.backend import init_llama
 
     init_llama(verbose)  # routes (silences) llama.cpp's log
@@ -44,6 +80,11 @@ def quantize(src: Path, dst: Path, quant: str, *, threads: int | None = None, ve
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with progress.bar(total=None, desc=f"quantizing to {quant}", unit="tensor", enabled=show_progress) as bar:
+        if show_progress:
+            with _tensor_progress(bar, verbose):
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        else:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.exists():
         raise ConversionError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc})")

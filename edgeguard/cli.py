@@ -106,7 +106,8 @@ def convert(src: str, out: Path, quant: str | None, name: str | None, revision: 
         name = name or src.split("/")[-1].lower()
     elif not src_path.exists():
         raise click.BadParameter(f"{src} is neither a folder nor a hub repo id", param_hint="SRC")
-    manifest = run_convert(src_path, out, ConvertOptions(quants=quants, name=name, source=source), progress=_progress)
+    options = ConvertOptions(quants=quants, name=name, source=source, show_progress=True)
+    manifest = run_convert(src_path, out, options, progress=_progress)
     for fname, entry in manifest.files.items():
         click.echo(f"{out / fname}\t{entry['size']}\t{entry['sha256']}")
 

@@ -187,7 +187,7 @@ def _download(wanted: _Wanted, cache: Path, progress: bool) -> Path:
     try:
         folder = Path(snapshot_download(
             wanted.repo, revision=wanted.revision, allow_patterns=list(wanted.patterns),
-            cache_dir=cache, tqdm_class=None if progress else _quiet_tqdm(),
+            cache_dir=cache, tqdm_class=_bar_class() if progress else _quiet_tqdm(),
             # read at call time, like the cache folder (huggingface_hub reads it at import)
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         ))
@@ -205,6 +205,13 @@ def _download(wanted: _Wanted, cache: Path, progress: bool) -> Path:
     if missing:
         raise ModelError(f"{wanted.what}: {where} has no {', '.join(missing)}")
     return folder
+
+
+def _bar_class() -> type:
+    """Our bar: rate and ETA on a terminal, plain periodic lines in a log."""
+    from edgeguard.progress import Bar
+
+    return Bar
 
 
 def _quiet_tqdm() -> type:

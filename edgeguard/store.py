@@ -57,8 +57,9 @@ def _warn_if_damaged(folder: Path) -> None:
 
 
 def pull(spec: ModelSpec, quant: str | None = None, *, offline: bool | None = None,
-         progress: Progress = lambda m: None) -> Path:
-    """Fetch (cache first), convert and verify one quant of a registry model; its folder."""
+         progress: Progress = lambda m: None, show_progress: bool = True) -> Path:
+    """Fetch (cache first), convert and verify one quant of a registry model; its folder.
+    ``show_progress``: bars for the download and the conversion on stderr."""
     from edgeguard_convert import ConvertOptions, convert
 
     quant = quant or spec.default_quant
@@ -67,13 +68,14 @@ def pull(spec: ModelSpec, quant: str | None = None, *, offline: bool | None = No
         return out
     _warn_if_damaged(out)
     progress(f"fetching {spec.repo} at {spec.revision[:12]}")
-    folder, commit = hub.fetch_checkpoint(spec, offline=offline, progress=True)
+    folder, commit = hub.fetch_checkpoint(spec, offline=offline, progress=show_progress)
     progress(f"converting {spec.name} to {quant}")
     options = ConvertOptions(
         quants=(quant,),
         name=spec.name,
         context=spec.context_length,
         source={"repo": spec.repo, "revision": commit, "registry_name": spec.name},
+        show_progress=show_progress,
     )
     manifest = convert(folder, out, options, progress=progress)
     bad = manifest.verify(out)
@@ -122,7 +124,8 @@ def verify(spec: ModelSpec) -> dict[Path, list[str]]:
     return {local.folder: Manifest.read(local.folder).verify(local.folder) for local in pulled(spec)}
 
 
-def converted_checkpoint(ckpt: Path, quant: str, progress: Progress = lambda m: None) -> Path:
+def converted_checkpoint(ckpt: Path, quant: str, progress: Progress = lambda m: None,
+                         show_progress: bool = True) -> Path:
     """A local HF checkpoint folder converted once into the cache (keyed by its files)."""
     from edgeguard_convert import ConvertOptions, convert
 
@@ -136,5 +139,6 @@ def converted_checkpoint(ckpt: Path, quant: str, progress: Progress = lambda m: 
     if not _manifest_intact(out):
         _warn_if_damaged(out)
         progress(f"converting {ckpt} to {quant} (once; cached in {out.parent})")
-        convert(ckpt, out, ConvertOptions(quants=(quant,), name=ckpt.name.lower()), progress=progress)
+        options = ConvertOptions(quants=(quant,), name=ckpt.name.lower(), show_progress=show_progress)
+        convert(ckpt, out, options, progress=progress)
     return out
