@@ -8,18 +8,29 @@ Objects here are not thread-safe: give each thread its own ``Backend``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+try:
+    # On a CUDA build of llama.cpp, importing onnxruntime after llama.cpp's CUDA libraries were
+    # loaded segfaulted inside onnxruntime's import (H200, CUDA 13); the other order works. So
+    # onnxruntime, when installed, is always loaded first, whatever order the app imports in.
+    import onnxruntime  # noqa: F401
+except ImportError:
+    pass
 import llama_cpp
 import numpy as np
 
+from edgeguard import kernels
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+from edgeguard.kernels import KernelPlan, SystemInfo, TensorInfo, amx_allowed, plan_kernels
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)
 _GGUF_MAGIC = b"GGUF"
@@ -29,16 +40,23 @@ _SEQ = 0
 log = logging.getLogger("edgeguard.backend")
 
 _native_error = [""]
+_GGML_LOG_LEVEL_INFO = 2
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
+_buffer_lines: list[str] = []  # llama.cpp's "<buffer type> model buffer size" lines of a load
 _KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
-_STDERR_LOG = ctypes.cast(None, llama_cpp.llama_log_callback)  # NULL: llama.cpp's own stderr log
+_echo_log = [False]  # verbose: llama.cpp's log goes to stderr as well
 
 
 @llama_cpp.llama_log_callback
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # Kept at module level so ctypes never frees the callback that llama.cpp holds.
     # The first error line since the last reset is kept: it names the cause, later ones don't.
+    if _echo_log[0] and text:
+        os.write(2, text)
     if level == _GGML_LOG_LEVEL_ERROR and text and not _native_error[0]:
         _native_error[0] = text.decode("utf-8", "replace").strip()
+    elif level == _GGML_LOG_LEVEL_INFO and text and b"model buffer size" in text:
+        _buffer_lines.append(text.decode("utf-8", "replace"))
 
 
 _backend_ready = False
@@ -47,7 +65,8 @@ _backend_ready = False
 def init_llama(verbose: bool) -> None:
     """Initialise llama.cpp once per process; route its log (process-wide: the last call wins)."""
     global _backend_ready
-    llama_cpp.llama_log_set(_STDERR_LOG if verbose else _quiet_log, ctypes.c_void_p(0))
+    _echo_log[0] = verbose
+    llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
     if not _backend_ready:
         llama_cpp.llama_backend_init()
         _backend_ready = True
@@ -69,8 +88,120 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+@functools.lru_cache(maxsize=1)
+def system_info() -> SystemInfo:
+    """What this process's llama.cpp build can do (CPU features, GPU backends)."""
+    return SystemInfo.parse(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def choose_device(requested: str = "auto", *, n_gpu_layers: int | None = None) -> kernels.DeviceChoice:
+    """Where to run: ``requested`` ("auto", "cpu", "gpu") against what this build supports."""
+    return kernels.choose_device(requested, gpu_offload=gpu_offload_supported(), n_gpu_layers=n_gpu_layers)
+
+
+def gguf_tensors(path: str | os.PathLike[str]) -> list[TensorInfo]:
+    """Name, ggml type and shape of every tensor in a GGUF (read from its header)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(os.fspath(path), "r")
+    except Exception as exc:  # gguf raises whatever a damaged header happens to trigger
+        raise ModelError(f"cannot load model {path}: its tensor list is unreadable "
+                         f"(truncated or damaged GGUF: {type(exc).__name__})") from exc
+    return [TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in t.shape)) for t in reader.tensors]
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml():
+    """The ggml library llama-cpp-python loaded, with the device functions edgeguard reads."""
+    from llama_cpp import _ggml as bound
+
+    lib = bound.libggml
+    P, S = ctypes.c_void_p, ctypes.c_size_t
+    for name, restype, argtypes in (
+        ("ggml_backend_dev_count", S, []),
+        ("ggml_backend_dev_get", P, [S]),
+        ("ggml_backend_dev_by_type", P, [ctypes.c_int]),
+        ("ggml_backend_dev_name", ctypes.c_char_p, [P]),
+        ("ggml_backend_dev_description", ctypes.c_char_p, [P]),
+        ("ggml_backend_dev_type", ctypes.c_int, [P]),
+        ("ggml_backend_dev_memory", None, [P, ctypes.POINTER(S), ctypes.POINTER(S)]),
+        ("ggml_backend_dev_backend_reg", P, [P]),
+        ("ggml_backend_reg_get_proc_address", P, [P, ctypes.c_char_p]),
+        ("ggml_backend_buft_name", ctypes.c_char_p, [P]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}  # enum ggml_backend_dev_type
+
+
+def devices() -> list[dict[str, object]]:
+    """The compute devices llama.cpp sees (CPU, GPUs), with their memory where known."""
+    lib = _ggml()
+    found = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append({
+            "name": (lib.ggml_backend_dev_name(dev) or b"").decode(),
+            "description": (lib.ggml_backend_dev_description(dev) or b"").decode(),
+            "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
+            "memory_total_mb": total.value / 2**20,
+            "memory_free_mb": free.value / 2**20,
+        })
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_extra_bufts() -> dict[str, int]:
+    """llama.cpp's extra CPU buffer types by name ("CPU_REPACK", "AMX", ...): their addresses."""
+    lib = _ggml()
+    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not dev:
+        return {}
+    address = lib.ggml_backend_reg_get_proc_address(lib.ggml_backend_dev_backend_reg(dev),
+                                                    b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return {}
+    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
+    found, array = {}, get_extra(dev)
+    i = 0
+    while array and array[i]:
+        found[lib.ggml_backend_buft_name(array[i]).decode()] = array[i]
+        i += 1
+    return found
+
+
+def cpu_extra_buffer_types() -> list[str]:
+    """Names of llama.cpp's extra CPU buffer types in this build and on this CPU."""
+    return list(_cpu_extra_bufts())
+
+
+def kernel_plan(path: str | os.PathLike[str], *, repack: bool, n_gpu_layers: int) -> KernelPlan:
+    """How this build should place this GGUF's weights (see ``edgeguard.kernels``)."""
+    info = system_info()
+    needs_tensors = repack and info.amx and not amx_allowed() and n_gpu_layers == 0
+    tensors = gguf_tensors(path) if needs_tensors else []
+    plan = plan_kernels(info, tensors, repack=repack, on_gpu=n_gpu_layers != 0, allow_amx=amx_allowed())
+    if plan.repack_tensors and "CPU_REPACK" not in _cpu_extra_bufts():
+        return KernelPlan(False, (), plan.reason + "; this build has no CPU_REPACK buffer type")
+    return plan
+
+
 def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: int,
-                verbose: bool, repack: bool = True) -> ctypes.c_void_p:
+                verbose: bool, repack: bool = True) -> tuple[ctypes.c_void_p, KernelPlan, dict[str, float]]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
@@ -82,17 +213,33 @@ def _load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers:
     if magic != _GGUF_MAGIC:
         raise ModelError(f"not a GGUF file: {path}")
     init_llama(verbose)
+    plan = (KernelPlan(False, (), "vocabulary only") if vocab_only
+            else kernel_plan(path, repack=repack, n_gpu_layers=n_gpu_layers))
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = n_gpu_layers
     # Repacking quantized weights for faster CPU kernels keeps a second copy of them in RAM.
-    params.use_extra_bufts = repack
+    params.use_extra_bufts = plan.extra_bufts
+    overrides = None
+    if plan.repack_tensors:
+        patterns = [p.encode() for p in plan.overrides()]
+        repack_buft = _cpu_extra_bufts()["CPU_REPACK"]
+        overrides = (_BuftOverride * (len(patterns) + 1))(
+            *[_BuftOverride(p, repack_buft) for p in patterns], _BuftOverride(None, None))
+        params.tensor_buft_overrides = ctypes.addressof(overrides)
     _native_error[0] = ""
+    _buffer_lines.clear()
     model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    del overrides  # llama.cpp reads the patterns only while loading
     if not model:
         reason = _one_line(_native_error[0]) or "llama.cpp returned no model"
         raise ModelError(f"cannot load model {path}: {reason}")
-    return model
+    buffers = {}
+    for line in _buffer_lines:
+        m = _BUFFER_LINE.search(line)
+        if m:
+            buffers[m.group(1)] = buffers.get(m.group(1), 0.0) + float(m.group(2))
+    return model, plan, buffers
 
 
 def _drop_mapped_pages(path: Path) -> None:
@@ -121,7 +268,7 @@ class Vocab:
     """The tokenizer of a GGUF, loaded with ``vocab_only`` (no weights are read)."""
 
     def __init__(self, gguf_path: str | os.PathLike[str], *, verbose: bool = False) -> None:
-        self._model = _load_model(gguf_path, vocab_only=True, n_gpu_layers=0, verbose=verbose)
+        self._model, _, _ = _load_model(gguf_path, vocab_only=True, n_gpu_layers=0, verbose=verbose)
         self._owns_model = True
         self._bind(llama_cpp.llama_model_get_vocab(self._model), gguf_path)
 
@@ -287,14 +434,15 @@ class Backend:
         self._ctx = None
         self._batches: dict[str, tuple[object, dict[str, np.ndarray]]] = {}
 
-        self._model = _load_model(gguf_path, vocab_only=False, n_gpu_layers=n_gpu_layers,
-                                  verbose=verbose, repack=repack)
+        self.n_gpu_layers = n_gpu_layers
+        self._model, self.kernel_plan, self.buffers = _load_model(
+            gguf_path, vocab_only=False, n_gpu_layers=n_gpu_layers, verbose=verbose, repack=repack)
         try:
             self._vocab = Vocab._borrow(self._model, gguf_path)
             self.n_vocab = self._vocab.n_vocab
             self.n_embd = llama_cpp.llama_model_n_embd(self._model)
             self._ctx = self._new_context(threads, flash_attn)
-            if repack:
+            if self.buffers.get("CPU_REPACK") or self.buffers.get("AMX"):
                 _drop_mapped_pages(self._path)
             self._memory = llama_cpp.llama_get_memory(self._ctx)
             self._batch("token")

@@ -141,15 +141,17 @@ def model_options(fn):
     fn = click.option("--quant", default=None, help="Which quant of the model to load (default q4_k_m when present).")(fn)
     fn = click.option("--offline", is_flag=True, default=None, help="Never use the network.")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all).")(fn)
+    fn = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+                      help="Where llama.cpp runs the model: auto uses the GPU when this build supports one.")(fn)
     return fn
 
 
-def _load(model, quant, engine, policy, offline, threads):
+def _load(model, quant, engine, policy, offline, threads, device="auto"):
     from edgeguard.loader import load
 
     verbose = logging.getLogger("edgeguard").isEnabledFor(logging.DEBUG)
     return load(model, quant, engine=engine, policy=policy, offline=offline, progress=_progress,
-                n_threads=threads, verbose=verbose)
+                n_threads=threads, device=device, verbose=verbose)
 
 
 def _summary(verdict) -> str:
@@ -171,7 +173,7 @@ def _summary(verdict) -> str:
 @click.option("--generate", is_flag=True, help="Gen only: decode the verdict text greedily (the official way).")
 @model_options
 @handle_errors
-def check(text, response, engine, policy, as_json, generate, model, quant, offline, threads):
+def check(text, response, engine, policy, as_json, generate, model, quant, offline, threads, device):
     """Judge TEXT (a prompt; with --response, the response to it). TEXT '-' reads stdin.
 
     Exit status: 0 not flagged, 1 flagged, 2 usage error, 3 model or runtime error.
@@ -182,7 +184,7 @@ def check(text, response, engine, policy, as_json, generate, model, quant, offli
     response = None if response is None else _read_text(response, "--response")
     if engine == "stream" and response is not None:
         raise UsageError("--engine stream checks prompts; use `edgeguard stream` for responses")
-    with _load(model, quant, engine, policy, offline, threads) as guard:
+    with _load(model, quant, engine, policy, offline, threads, device) as guard:
         if generate:
             if guard.engine != "gen":
                 raise UsageError("--generate needs a Gen model")
@@ -203,7 +205,7 @@ def check(text, response, engine, policy, as_json, generate, model, quant, offli
 @click.option("--policy", default="strict", show_default=True)
 @model_options
 @handle_errors
-def scan(infile, outfile, restart, engine, policy, model, quant, offline, threads):
+def scan(infile, outfile, restart, engine, policy, model, quant, offline, threads, device):
     """Check every line of IN.jsonl ({"prompt", "response"?, "id"?}) into OUT.jsonl.
 
     One output line per input line, written as it is produced. Rerunning resumes after the
@@ -219,7 +221,7 @@ def scan(infile, outfile, restart, engine, policy, model, quant, offline, thread
 
     _, _, loaded_quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=_progress)
     to_stdout = outfile == "-"
-    with _load(model, quant, engine, policy, offline, threads) as guard:
+    with _load(model, quant, engine, policy, offline, threads, device) as guard:
         stats = run_scan(guard, infile, None if to_stdout else Path(outfile), identity=identity(guard, loaded_quant),
                          restart=restart, stdout=sys.stdout.buffer if to_stdout else None)
     resumed = f", {stats.skipped} kept from an earlier run" if stats.skipped else ""
@@ -342,7 +344,7 @@ def _stdin_chunks(follow: bool):
 @click.option("--follow", is_flag=True, help="Read the response from stdin as it arrives and print as it goes.")
 @model_options
 @handle_errors
-def stream(prompt, response, policy, as_json, follow, model, quant, offline, threads):
+def stream(prompt, response, policy, as_json, follow, model, quant, offline, threads, device):
     """Judge a prompt, then every token of a response (Stream models).
 
     Exit status: 0 not flagged, 1 flagged, 2 usage error, 3 model or runtime error.
@@ -358,11 +360,29 @@ def stream(prompt, response, policy, as_json, follow, model, quant, offline, thr
         raise UsageError("give --response TEXT or pipe the response on stdin")
     else:
         chunks = _stdin_chunks(follow)
-    with _load(model, quant, "stream", policy, offline, threads) as guard:
+    with _load(model, quant, "stream", policy, offline, threads, device) as guard:
         state = run_stream(guard, prompt, chunks, as_json=as_json, follow=follow)
     from edgeguard.policy import decide
 
     sys.exit(1 if state.flagged and decide(guard.policy, state.label, [state.category] if state.category else []) else 0)
+
+
+# -- doctor --------------------------------------------------------------------------------
+@main.command()
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--no-self-test", is_flag=True, help="Skip the decode of a tiny model in a child process.")
+@handle_errors
+def doctor(device, as_json, no_self_test):
+    """What this machine's llama.cpp build can do, and a self-test in a child process.
+
+    Exit status: 0 healthy, 3 when the self-test failed or crashed (the report says what to change).
+    """
+    from edgeguard.doctor import gather, render
+
+    report = gather(device, self_test=not no_self_test)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    sys.exit(0 if report["healthy"] else 3)
 
 
 # -- eval (its own module; registered last because it imports the helpers above) -----------

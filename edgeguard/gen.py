@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edgeguard.backend import Backend
+from edgeguard.backend import Backend, choose_device
 from edgeguard.errors import InputTooLong, ModelError
 from edgeguard.manifest import Manifest
 from edgeguard.scoring import common_prefix, softmax
@@ -44,7 +44,8 @@ BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
 class GenOptions:
     n_ctx: int | None = None  # the largest context to allow; default: the manifest's
     n_threads: int | None = None
-    n_gpu_layers: int = 0
+    device: str = "auto"  # "auto": the GPU when this llama.cpp build can offload; "cpu"; "gpu"
+    n_gpu_layers: int | None = None  # on the GPU: how many layers (default all)
     kv_type: str = "f16"  # "q8_0" halves the KV cache (but slows prefill on CPU)
     # Gen is prefill-bound: llama.cpp's repacked weights barely help it and cost ~200 MB.
     repack: bool = False
@@ -68,6 +69,7 @@ class GenGuard:
         manifest.check_sizes(folder, [gguf])
         self._model_sha = manifest.files[gguf]["sha256"]
         self._options = options
+        self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
         self._gguf = folder / gguf
         # The KV cache is allocated up front (112 KiB a token at 0.6B): start small, grow on demand.
         self._max_ctx = options.n_ctx or manifest.context_length
@@ -91,7 +93,7 @@ class GenGuard:
     def _new_backend(self, n_ctx: int) -> Backend:
         o = self._options
         return Backend(self._gguf, n_ctx=n_ctx, mode="logits", n_batch=BATCH, n_threads=o.n_threads,
-                       n_gpu_layers=o.n_gpu_layers, kv_type=o.kv_type, repack=o.repack, verbose=o.verbose)
+                       n_gpu_layers=self.device.n_gpu_layers, kv_type=o.kv_type, repack=o.repack, verbose=o.verbose)
 
     def _ensure_context(self, n_tokens: int) -> None:
         needed = n_tokens + READOUT_MARGIN

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeguard.backend import Backend, Vocab
+from edgeguard.backend import Backend, Vocab, choose_device
 from edgeguard.debounce import Debouncer
 from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
 from edgeguard.heads import Heads
@@ -45,7 +45,8 @@ BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
 class StreamOptions:
     n_ctx: int | None = None  # the largest context to allow; default: the manifest's
     n_threads: int | None = None
-    n_gpu_layers: int = 0
+    device: str = "auto"  # "auto": the GPU when this llama.cpp build can offload; "cpu"; "gpu"
+    n_gpu_layers: int | None = None  # on the GPU: how many layers (default all)
     # Per-token speed is what Stream is for: repacked weights and flash attention over an f16
     # KV cache make a decode step fastest (a q8_0 cache saves memory but costs ~15% a step).
     kv_type: str = "f16"
@@ -95,6 +96,7 @@ class StreamGuard:
                 raise ModelError(f"{files['embeddings']} has shape {list(self._table.shape)}, expected "
                                  f"[vocab, {manifest.hidden_size}]")
             self._options = options
+            self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
             self._model_path = folder / files["model"]
             self._max_ctx = options.n_ctx or manifest.context_length
             self._backend = self._own(self._new_backend(min(self._max_ctx, INITIAL_CTX)))
@@ -112,7 +114,7 @@ class StreamGuard:
     def _new_backend(self, n_ctx: int) -> Backend:
         o = self._options
         return Backend(self._model_path, n_ctx=n_ctx, mode="embeddings", n_batch=BATCH,
-                       n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, kv_type=o.kv_type,
+                       n_threads=o.n_threads, n_gpu_layers=self.device.n_gpu_layers, kv_type=o.kv_type,
                        repack=o.repack, flash_attn=True, verbose=o.verbose)
 
     def _ensure_context(self, n_tokens: int, what: str) -> None:

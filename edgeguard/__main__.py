@@ -1,0 +1,5 @@
+"""``python -m edgeguard`` runs the command line."""
+
+from edgeguard.cli import main
+
+main()

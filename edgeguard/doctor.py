@@ -1,0 +1,167 @@
+"""`edgeguard doctor`: what this machine's llama.cpp build can do, and whether it runs.
+
+The facts come from llama.cpp and onnxruntime themselves; the self-test decodes a tiny model in a
+child process (``edgeguard.selftest``), so a native crash of the user's build is reported with
+what to change instead of killing the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from edgeguard.kernels import ALLOW_AMX_ENV, CUDA_INSTALL
+
+SELFTEST_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    ok: bool
+    detail: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, **self.detail, **({"error": self.error} if self.error else {})}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _onnxruntime() -> dict:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        return {"version": None, "error": str(e)}
+    return {"version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+
+
+def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None,
+              timeout: float = SELFTEST_TIMEOUT_S) -> ChildResult:
+    """``python -m edgeguard.selftest`` in a child process; a crash or hang becomes an error."""
+    import json
+
+    env = {**os.environ, **(env_extra or {})}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeguard.selftest", str(folder), device],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return ChildResult(False, error=f"the self-test did not finish in {timeout:.0f} s")
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return ChildResult(False, error=f"the self-test crashed with {name} inside llama.cpp")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        detail = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        detail = {}
+    if proc.returncode != 0 or not detail.get("ok"):
+        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit status {proc.returncode}"
+        return ChildResult(False, detail, error=f"the self-test failed: {tail}")
+    return ChildResult(True, detail)
+
+
+def gather(device: str = "auto", self_test: bool = True) -> dict:
+    """The whole report as plain JSON types; ``report["healthy"]`` says whether all is well."""
+    from edgeguard import backend, hub
+    from edgeguard.kernels import choose_device, plan_kernels
+
+    info = backend.system_info()
+    report: dict = {
+        "edgeguard": _version("edgeguard"),
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "llama_cpp": _version("llama-cpp-python"),
+        "onnxruntime": _onnxruntime(),
+        "llama_system_info": info.summary(),
+        "gpu_offload": backend.gpu_offload_supported(),
+        "devices": backend.devices(),
+        "threads": backend.default_threads(),
+        "cache_dir": str(hub.cache_dir()),
+    }
+    notes: list[str] = []
+    try:
+        choice = choose_device(device, gpu_offload=report["gpu_offload"])
+        report["device"] = {"use": choice.device, "why": choice.reason}
+    except Exception as e:  # an impossible --device gpu: report it, keep the rest of the report
+        report["device"] = {"use": None, "why": str(e)}
+        notes.append(str(e))
+        choice = None
+    plan = plan_kernels(info, [], repack=True, on_gpu=bool(choice and choice.n_gpu_layers))
+    report["cpu_kernels"] = {
+        "amx_in_build": info.amx,
+        "amx_allowed": backend.amx_allowed(),
+        "extra_buffer_types": sorted(backend.cpu_extra_buffer_types()),
+        "plan": "llama.cpp default" if plan.extra_bufts else "CPU_REPACK by name, AMX off",
+        "why": plan.reason,
+    }
+    healthy = choice is not None
+    if self_test and choice is not None:
+        with tempfile.TemporaryDirectory(prefix="edgeguard-doctor-") as tmp:
+            result = run_child(Path(tmp), device)
+            report["self_test"] = result.to_dict()
+            healthy = healthy and result.ok
+            if not result.ok:
+                notes.append(_advice(info.amx, choice.device))
+            if info.amx and not backend.amx_allowed() and result.ok:
+                probe = run_child(Path(tmp), "cpu", {ALLOW_AMX_ENV: "1"})
+                report["amx_probe"] = probe.to_dict()
+                notes.append("llama.cpp's AMX kernels " + (
+                    f"work in this build: {ALLOW_AMX_ENV}=1 lets edgeguard use them" if probe.ok else
+                    f"crash in this build ({probe.error}); edgeguard keeps them off"))
+    report["notes"] = notes
+    report["healthy"] = healthy
+    return report
+
+
+def _advice(amx: bool, device: str) -> str:
+    if device == "gpu":
+        return ("the GPU path failed: try `--device cpu`, or rebuild the CUDA wheel: " + CUDA_INSTALL)
+    if amx:
+        return ("the CPU path failed on an AMX machine: rebuild llama-cpp-python with GCC >= 13 or "
+                'without native flags: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall '
+                "--no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36")
+    return ("the CPU path failed: try `EDGEGUARD_THREADS=1`, or reinstall llama-cpp-python "
+            "without native flags (CMAKE_ARGS=\"-DGGML_NATIVE=OFF\")")
+
+
+def render(report: dict) -> str:
+    """The report as aligned text lines for a terminal."""
+    ort = report["onnxruntime"]
+    lines = [
+        f"edgeguard      {report['edgeguard']}  (Python {report['python']}, {report['machine']})",
+        f"llama.cpp      llama-cpp-python {report['llama_cpp']}",
+        f"onnxruntime    {ort.get('version') or 'missing: ' + ort.get('error', '')}"
+        + (f"  providers: {', '.join(ort['providers'])}" if ort.get("providers") else ""),
+        f"system info    {report['llama_system_info']}",
+        f"GPU offload    {'yes' if report['gpu_offload'] else 'no'}",
+    ]
+    for dev in report["devices"]:
+        memory = f", {dev['memory_total_mb']:.0f} MB" if dev.get("memory_total_mb") else ""
+        lines.append(f"  device       {dev['name']}: {dev['description']}{memory}")
+    kernels = report["cpu_kernels"]
+    lines += [
+        f"device         {report['device']['use'] or 'none'} ({report['device']['why']})",
+        f"CPU kernels    {kernels['plan']}: {kernels['why']}",
+        f"threads        {report['threads']}",
+        f"cache          {report['cache_dir']}",
+    ]
+    if "self_test" in report:
+        st = report["self_test"]
+        lines.append("self-test      " + (
+            f"ok ({st.get('device')}, {st.get('kernels')}, {st.get('decode_ms')} ms)" if st["ok"]
+            else f"FAILED: {st.get('error')}"))
+    lines += [f"note           {n}" for n in report["notes"]]
+    lines.append("healthy" if report["healthy"] else "NOT healthy")
+    return "\n".join(lines)

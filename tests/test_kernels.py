@@ -1,0 +1,118 @@
+"""Kernel and device choice from llama.cpp's system-info text: pure logic, checked on any machine.
+
+The strings below have the shape llama.cpp 0.3.36 prints on the machines this project meets:
+an Intel Xeon with AMX, an AMD EPYC, a Raspberry Pi 5 and a CUDA build on an H200.
+"""
+
+import pytest
+
+from edgeguard.errors import RuntimeFailure, UsageError
+from edgeguard.kernels import (
+    CUDA_INSTALL,
+    SystemInfo,
+    TensorInfo,
+    amx_allowed,
+    choose_device,
+    plan_kernels,
+    repackable,
+)
+
+X86 = ("SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+       "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | ")
+INTEL_AMX = f"CPU : {X86}AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+AMD = f"CPU : {X86}LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+PI5 = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | REPACK = 1 | "
+CUDA_AMX = "CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | " + INTEL_AMX
+AVX2_ONLY = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+
+
+def q4_k_m_tensors(layers=2, hidden=1024, inner=3072):
+    """The tensors of a Qwen3 Q4_K_M GGUF: Q4_K mostly, Q6_K for some ffn_down and attn_v."""
+    out = [TensorInfo("token_embd.weight", "Q6_K", (hidden, 151936)),
+           TensorInfo("output_norm.weight", "F32", (hidden,))]
+    for i in range(layers):
+        out += [
+            TensorInfo(f"blk.{i}.attn_q.weight", "Q4_K", (hidden, 2048)),
+            TensorInfo(f"blk.{i}.attn_k.weight", "Q4_K", (hidden, 1024)),
+            TensorInfo(f"blk.{i}.attn_v.weight", "Q6_K", (hidden, 1024)),
+            TensorInfo(f"blk.{i}.attn_output.weight", "Q4_K", (2048, hidden)),
+            TensorInfo(f"blk.{i}.attn_q_norm.weight", "F32", (128,)),
+            TensorInfo(f"blk.{i}.ffn_gate.weight", "Q4_K", (hidden, inner)),
+            TensorInfo(f"blk.{i}.ffn_up.weight", "Q4_K", (hidden, inner)),
+            TensorInfo(f"blk.{i}.ffn_down.weight", "Q6_K" if i == 0 else "Q4_K", (inner, hidden)),
+        ]
+    return out
+
+
+def test_parse_sections_and_flags():
+    info = SystemInfo.parse(CUDA_AMX)
+    assert info.backends["CUDA"]["ARCHS"] == "900"
+    assert info.amx and info.cpu_has("AVX512") and not info.cpu_has("NEON")
+    assert info.arch == "x86"
+    assert not SystemInfo.parse(AMD).amx
+    assert SystemInfo.parse(PI5).arch == "arm"
+    assert SystemInfo.parse("").backends == {}
+
+
+def test_amx_build_never_lets_llama_cpp_choose():
+    plan = plan_kernels(SystemInfo.parse(INTEL_AMX), q4_k_m_tensors(), repack=True, on_gpu=False)
+    assert plan.extra_bufts is False  # llama.cpp's own list starts with the AMX buffer type
+    assert "AMX" in plan.reason
+    # Q4_K matmul weights go to CPU_REPACK; Q6_K (no x86 repack), norms and the embedding don't.
+    expected = {f"blk.{i}.{k}.weight" for i in range(2)
+                for k in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} | {"blk.1.ffn_down.weight"}
+    assert set(plan.repack_tensors) == expected
+
+
+def test_overrides_match_exactly_the_chosen_tensors():
+    import re
+
+    tensors = q4_k_m_tensors(layers=12)
+    plan = plan_kernels(SystemInfo.parse(INTEL_AMX), tensors, repack=True, on_gpu=False)
+    patterns = [re.compile(p) for p in plan.overrides()]
+    matched = {t.name for t in tensors if any(p.search(t.name) for p in patterns)}
+    assert matched == set(plan.repack_tensors)
+    assert len(patterns) <= 7  # one per weight kind, not one per tensor
+
+
+def test_non_amx_builds_keep_llama_cpp_default():
+    for text in (AMD, PI5):
+        plan = plan_kernels(SystemInfo.parse(text), q4_k_m_tensors(), repack=True, on_gpu=False)
+        assert plan.extra_bufts is True and plan.repack_tensors == ()
+
+
+def test_repack_off_and_gpu_and_opt_in():
+    info = SystemInfo.parse(INTEL_AMX)
+    off = plan_kernels(info, q4_k_m_tensors(), repack=False, on_gpu=False)
+    assert (off.extra_bufts, off.repack_tensors) == (False, ())
+    gpu = plan_kernels(info, q4_k_m_tensors(), repack=True, on_gpu=True)
+    assert (gpu.extra_bufts, gpu.repack_tensors) == (False, ())  # overrides would pin weights to the CPU
+    allowed = plan_kernels(info, q4_k_m_tensors(), repack=True, on_gpu=False, allow_amx=True)
+    assert allowed.extra_bufts is True
+    assert amx_allowed({"EDGEGUARD_ALLOW_AMX": "1"}) and not amx_allowed({})
+
+
+def test_repackable_rules():
+    amd = SystemInfo.parse(AMD)
+    avx2 = SystemInfo.parse(AVX2_ONLY)
+    assert repackable(TensorInfo("blk.0.ffn_up.weight", "Q4_0", (1024, 3072)), amd)
+    assert not repackable(TensorInfo("blk.0.ffn_up.weight", "Q4_0", (1024, 3076)), amd)  # rows % 8
+    assert not repackable(TensorInfo("blk.0.ffn_up.weight", "Q8_0", (1024, 3072)), amd)  # ARM only
+    assert not repackable(TensorInfo("blk.0.ffn_up.weight", "F16", (1024, 3072)), amd)
+    assert repackable(TensorInfo("blk.0.ffn_up.weight", "Q2_K", (1024, 3072)), amd)
+    assert not repackable(TensorInfo("blk.0.ffn_up.weight", "Q2_K", (1024, 3072)), avx2)  # needs AVX-512
+    assert not repackable(TensorInfo("token_embd.weight", "Q4_K", (1024, 3072)), amd)  # GET_ROWS too
+    assert not repackable(TensorInfo("blk.0.ffn_up.weight", "Q4_K", (1024, 3072)), SystemInfo.parse(PI5))
+
+
+def test_choose_device():
+    assert choose_device("cpu", gpu_offload=True).n_gpu_layers == 0
+    assert choose_device("auto", gpu_offload=False).device == "cpu"
+    auto = choose_device("auto", gpu_offload=True)
+    assert (auto.device, auto.n_gpu_layers) == ("gpu", 999)
+    assert choose_device("gpu", gpu_offload=True, n_gpu_layers=10).n_gpu_layers == 10
+    with pytest.raises(RuntimeFailure) as err:
+        choose_device("gpu", gpu_offload=False)
+    assert CUDA_INSTALL in str(err.value) and err.value.exit_code == 3
+    with pytest.raises(UsageError):
+        choose_device("tpu", gpu_offload=True)
