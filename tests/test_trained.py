@@ -2,7 +2,11 @@
 checked with the PyTorch oracle on the saved bf16 checkpoints (no llama.cpp here)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,10 +75,12 @@ def test_trained_checkpoints_have_the_fixture_layout():
                 assert ta.dtype == torch.bfloat16 and ta.shape == tb.shape, k
 
 
-# The trained model must reproduce its training conversations; how well a model trained for a
-# minute generalizes to held-out wording varies from run to run (CPU training is not bitwise
-# reproducible), so held-out accuracy is reported, not asserted.
+# The trained model must reproduce its training conversations, and generalize to held-out
+# wording.  Training is bit-for-bit reproducible on one machine (tests/fixtures/trained.py);
+# measured held-out accuracy 91% (21 of 23, Intel Xeon, torch 2.13 CPU).  Another CPU may round
+# differently and land elsewhere, so the floor leaves room for two more misses.
 GEN_MIN_TRAIN_ACCURACY = 0.9
+GEN_MIN_HELDOUT_ACCURACY = 0.8
 
 
 def oracle_verdict(model, tok, messages):
@@ -111,6 +117,7 @@ def test_gen_verdicts_by_readout_and_generation(gen):
         scores[name] = 1 - len(misses) / len(examples)
         print(f"gen {name} accuracy {scores[name]:.0%}; misses: {misses}")
     assert scores["training"] >= GEN_MIN_TRAIN_ACCURACY
+    assert scores["held-out"] >= GEN_MIN_HELDOUT_ACCURACY
 
 
 def test_stream_heldout_prompt_and_response_verdicts(stream):
@@ -138,3 +145,38 @@ def test_stream_heldout_prompt_and_response_verdicts(stream):
         assert offsets[first - 1][1] > span_start, (response, first)
         cat = int(lg["response_category"][r0 + first].argmax())
         assert rcat_names[str(cat)] == "Violent", response
+
+
+_TRAIN_AND_HASH = """
+import hashlib, sys
+sys.path.insert(0, {root!r})
+from tests.fixtures.trained import train_into
+print(hashlib.sha256(train_into({kind!r}, {folder!r}, {steps}).read_bytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("kind, steps", [("gen", 8), ("stream", 4)])
+def test_training_is_bit_for_bit_reproducible(kind, steps, tmp_path):
+    """Two fresh processes train the same weights, byte for byte (a few steps suffice: any
+    run-to-run difference in a product's summation order shows in the first update)."""
+    root = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_AND_HASH.format(
+        root=root, kind=kind, folder=str(tmp_path / f"run{i}"), steps=steps)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    hashes = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        hashes.append(out.split()[-1])
+    assert hashes[0] == hashes[1]
+    weights = (tmp_path / "run0" / "model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == hashes[0]
+
+
+def test_training_settings_are_restored():
+    from tests.fixtures.trained import _deterministic
+
+    threads = torch.get_num_threads()
+    with _deterministic():
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
