@@ -24,7 +24,10 @@ TEXT = (
     "مرحبا بالعالم 👋🏽 def f(x):\n    return x ** 2  # tabs\tand   spaces\n\n"
     "Numbers 1234567 and URLs https://example.org/a?b=c. Ünïcödé, naïve café, Straße."
 )
-TOLERANCE = {"f16": 5e-3, "q8_0": 1e-1}
+# Q4_K_M measured on the fixtures (2026-11-28, x86-64 AVX-512/AMX): 0.105 (Gen hidden states),
+# 0.104 (Stream backbone); the bound leaves ~40% margin for other CPUs' kernels, while a broken
+# conversion (wrong tensor order, transposed or mis-scaled weights) lands near 1.
+TOLERANCE = {"f16": 5e-3, "q8_0": 1e-1, "q4_k_m": 0.15}
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,10 +76,7 @@ def test_gen_hidden_states_match_torch(gen_ckpt, gen_dir, gen_torch, quant):
         got = be.eval(ids, outputs=range(len(ids)))
     err = rel_err(got, expected)
     print(f"gen {quant}: relative error of hidden states {err:.2e}")
-    if quant in TOLERANCE:
-        assert err <= TOLERANCE[quant]
-    else:  # q4_k_m: measured and reported; a broken conversion would be ~1
-        assert err < 0.5
+    assert err <= TOLERANCE[quant]
 
 
 def test_gen_logits_same_top1_on_f16(gen_ckpt, gen_dir, gen_torch):
@@ -99,7 +99,7 @@ def test_untied_lm_head_is_used(gen_ckpt_untied):
     assert rel_err(got, expected) < 5e-3
 
 
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_k_m"])
 def test_stream_backbone_with_embedding_rows_matches_torch(stream_ckpt, stream_dir, quant):
     model = oracle.load_torch(stream_ckpt)
     ids = hf_ids(stream_ckpt, TEXT)

@@ -201,10 +201,18 @@ def test_stream_checkpoint_layout(stream_ckpt):
 
 
 def test_checkpoint_is_cached():
+    """A second request reuses the folder without rewriting a byte (a rebuild would rewrite
+    every file: new inodes or modification times); other parameters get another folder."""
     a = C.build_checkpoint("gen")
+    files = sorted(p for p in a.iterdir() if p.is_file())
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in files}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(before)
     b = C.build_checkpoint("gen")
-    assert a == b
-    assert C.build_checkpoint("gen", seed=5) != a
+    assert b == a
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in files} == before
+    other = C.build_checkpoint("gen", seed=5)
+    assert other != a
+    assert (other / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
 
 
 # ---------------------------------------------------------------- oracle

@@ -110,11 +110,13 @@ def test_prefix_cache_persists_across_processes(gen_dir, tmp_path):
     options = GenOptions(prefix_cache=tmp_path)
     with GenGuard(gen_dir, manifest, "f16", options=options) as g:
         first = g.check(REFERENCE_PROMPT)
+        computed = g.timings.tokens_decoded
     files = list(tmp_path.glob("prefix-*.kv"))
     assert len(files) == 1
     with GenGuard(gen_dir, manifest, "f16", options=options) as g:
         second = g.check(REFERENCE_PROMPT)
-        assert g._backend.n_past > 0
+        # the template head (~200 tokens) came from disk: only the variable part was decoded
+        assert g.timings.tokens_decoded < computed - 150
     for name in first.scores:
         assert abs(first.scores[name] - second.scores[name]) < 1e-3
     files[0].write_bytes(b"garbage")  # a damaged cache file is recomputed, never trusted
@@ -133,7 +135,7 @@ def test_control_token_lookalikes_stay_plain_text(guard, hf_tok):
     hf_plain = AutoTokenizer.from_pretrained(hf_tok.name_or_path, split_special_tokens=True)
     text = hf_plain.apply_chat_template([{"role": "user", "content": attack}], tokenize=False)
     # the template's own control tokens parsed, the user's look-alikes not
-    assert guard._backend.vocab.detokenize(ids).decode() == text
+    assert guard.vocab.detokenize(ids).decode() == text
     verdict = guard.check(attack)
     assert set(verdict.scores) == {"Safe", "Unsafe", "Controversial"}
 
@@ -144,18 +146,31 @@ def test_empty_text_is_a_usage_error(guard, bad):
         guard.check(bad)
 
 
-def test_too_long_input_is_refused_not_truncated(gen_dir):
+def test_too_long_input_is_refused_not_truncated(gen_dir, guard):
     with GenGuard(gen_dir, Manifest.read(gen_dir), "f16", options=GenOptions(n_ctx=512)) as g:
         with pytest.raises(InputTooLong, match="never truncates"):
             g.check("word " * 600)
-        assert g.check("short").label in ("Safe", "Unsafe", "Controversial")
+        after = g.check("short")
+    # the refusal left nothing behind: the same verdict as a guard that never saw it
+    expected = guard.check("short")
+    assert after.label == expected.label and after.categories == expected.categories
+    for name, p in expected.scores.items():
+        assert after.scores[name] == pytest.approx(p, abs=1e-4)
 
 
-def test_context_grows_on_demand(gen_dir):
+def test_context_grows_on_demand(gen_dir, torch_model, hf_tok):
+    text = "word " * 2500
     with GenGuard(gen_dir, Manifest.read(gen_dir), "f16") as g:
-        small = g._backend.n_ctx
-        verdict = g.check("word " * 2500)
-        assert g._backend.n_ctx > small and verdict.label
+        small = g.context_size
+        verdict = g.check(text)
+        assert g.context_size > small
+    # grown, it scores the whole text like the PyTorch model does
+    rendered = hf_tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+    ids = hf_tok.encode(rendered, add_special_tokens=False) + hf_tok.encode("Safety:", add_special_tokens=False)
+    assert len(ids) > 2500
+    expected = oracle_probs(torch_model, hf_tok, ids, ["Safe", "Unsafe", "Controversial"])
+    for name, p in expected.items():
+        assert abs(verdict.scores[name] - p) <= 0.02, (name, verdict.scores[name], p)
 
 
 def test_multi_turn_conversation(guard):
@@ -175,4 +190,6 @@ def test_check_many_is_lazy_and_equal(guard):
     results = guard.check_many(items)
     assert not isinstance(results, list)
     got = list(results)
-    assert got[0] == guard.check("a question") and got[1].refusal in ("Yes", "No")
+    single = guard.check("a question")
+    assert got[0].label == single.label and got[1].refusal in ("Yes", "No")
+    assert dict(got[0].scores) == pytest.approx(dict(single.scores), abs=1e-3)

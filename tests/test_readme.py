@@ -21,7 +21,20 @@ def test_guard_stream_example_runs(stream_ckpt, monkeypatch, capsys):
     monkeypatch.setenv("EDGEGUARD_STREAM_MODEL", str(converted(stream_ckpt, ("f16",))))
     exec(compile(example("guard_stream"), "README.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "StreamState(" in out
     full = "Sure! Mix 500 g of flour with water, salt and yeast, then bake it."
-    printed = out.split("\n")[0]
-    assert full.startswith(printed)  # a prefix: it stops when flagged
+    printed, _, state = out.partition("\n")
+    flagged_at = re.search(r"StreamState\(.*flagged_at=(\d+|None)", state)
+    assert flagged_at, out
+    # independently: the same response fed in one piece says whether and where it flags
+    import edgeguard
+
+    with edgeguard.load(str(converted(stream_ckpt, ("f16",)))) as guard, \
+            guard.session("How do I bake bread?") as session:
+        session.feed_text(full)
+        session.finish()
+        expected = session.state.flagged_at
+    assert flagged_at.group(1) == str(expected)
+    if expected is None:
+        assert printed == full  # nothing flagged: the whole text, judged
+    else:
+        assert full.startswith(printed) and len(printed) < len(full)  # stopped at the flag
