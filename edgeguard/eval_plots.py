@@ -43,11 +43,12 @@ def _drift(report: dict, ax) -> bool:
     if not agreement:
         return False
     top = max((max(a["drifts"]) for a in agreement.values() if a["drifts"]), default=0.0) or 1e-6
-    bins = [top * k / 30 for k in range(31)]
+    bins = [top * k / 30 for k in range(30)] + [top]  # top itself: k/30*30 may round below it
     for variant, a in agreement.items():
-        ax.hist(a["drifts"], bins=bins, alpha=0.6, label=variant)
+        ax.hist(a["drifts"], bins=bins, histtype="step", linewidth=2, label=variant)
     ax.set_xlabel(f"score drift against {report['baseline']} (largest |difference| of a label's score)")
     ax.set_ylabel("items")
+    ax.set_yscale("symlog")
     ax.set_title("Quantization: score drift per item")
     ax.legend()
     return True
@@ -73,14 +74,16 @@ def _reliability(report: dict, ax) -> bool:
 def _delay(report: dict, ax) -> bool:
     if report["engine"] != "stream":
         return False
-    drawn = False
-    for variant in report["variants"]:
-        delays = report["results"][variant]["timing"]["delays"]
-        if delays:
-            ax.hist(delays, bins=30, alpha=0.6, label=variant)
-            drawn = True
-    if not drawn:
+    delays = {v: report["results"][v]["timing"]["delays"] for v in report["variants"]}
+    every = [d for ds in delays.values() for d in ds]
+    if not every:
         return False
+    lo, hi = min(every), max(every)
+    step = max(1, -(-(hi - lo + 1) // 60))  # whole tokens per bin, at most ~60 bins
+    bins = [lo - 0.5 + step * k for k in range((hi - lo) // step + 2)]
+    for variant, ds in delays.items():
+        if ds:
+            ax.hist(ds, bins=bins, histtype="step", linewidth=2, label=variant)
     ax.axvline(0, color="grey", linestyle=":")
     ax.set_xlabel("detection delay (tokens after the first unsafe span starts)")
     ax.set_ylabel("responses")
