@@ -86,8 +86,11 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
         return item, "missing or empty \"prompt\""
     if response is not None and (not isinstance(response, str) or not response.strip()):
         return item, "\"response\" must be non-empty text"
-    if "\x00" in prompt or (response and "\x00" in response):
-        return item, "contains NUL characters"
+    for text in (prompt, response or ""):
+        if "\x00" in text:
+            return item, "contains NUL characters"
+        if any("\ud800" <= c <= "\udfff" for c in text):  # JSON "\ud800" escapes: not text
+            return item, "contains a lone surrogate (not valid Unicode text)"
     return item, None
 
 
@@ -117,6 +120,15 @@ def _check_line(guard, raw: bytes, number: int) -> tuple[dict, str | None]:
     if isinstance(item, dict) and "id" in item:
         record["id"] = item["id"]
     return record, f"line {number}: skipped: {error}"
+
+
+def _json_line(record: dict) -> bytes:
+    """One output line: readable UTF-8, or \\u escapes where the input's ``id`` holds text
+    that UTF-8 cannot encode (a lone surrogate written as a JSON escape)."""
+    try:
+        return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record).encode("ascii") + b"\n"
 
 
 def _count_lines(infile: Path) -> int:
@@ -233,7 +245,7 @@ def _scan_into(guard, infile: Path, out: BinaryIO, stats: ScanStats, *, start: i
             record, warning = _check_line(guard, raw, number)
             if warning:
                 progress_ui.message(f"{infile.name}: {warning}")
-            out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            out.write(_json_line(record))
             out.flush()
             stats.done += 1
             stats.count(record)

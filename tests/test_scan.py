@@ -188,3 +188,15 @@ def test_exit_code_counts_the_lines_kept_from_an_earlier_run(model, tmp_path):
 @pytest.mark.parametrize("flagged,malformed,code", [(0, 0, 0), (3, 0, 1), (0, 2, 2), (1, 1, 1)])
 def test_exit_code_rule(flagged, malformed, code):
     assert ScanStats(flagged=flagged, malformed=malformed).exit_code == code
+
+
+def test_lone_surrogates_from_json_escapes_are_errors_not_crashes(model, tmp_path):
+    """Found by tests/test_fuzz_cli.py: JSON may spell a lone surrogate ("\\udcff"), which is
+    not text; the line is an error line and the id comes back as valid JSON."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": "a \\ud800 b", "id": 1}\n{"prompt": "fine", "id": "\\udcff"}\n')
+    result = scan(model, src, out)
+    assert result.exit_code in (1, 2), result.output
+    first, second = [json.loads(line) for line in out.read_bytes().split(b"\n")[:-1]]
+    assert first["id"] == 1 and "surrogate" in first["error"]
+    assert second["id"] == "\udcff" and "label" in second
