@@ -200,3 +200,28 @@ def test_lone_surrogates_from_json_escapes_are_errors_not_crashes(model, tmp_pat
     first, second = [json.loads(line) for line in out.read_bytes().split(b"\n")[:-1]]
     assert first["id"] == 1 and "surrogate" in first["error"]
     assert second["id"] == "\udcff" and "label" in second
+
+
+def test_two_concurrent_scans_into_one_output(model, tmp_path):
+    """The issue's measurement: two processes scanning into the same --out. Now the second is
+    refused while the first runs, and the output holds each input line exactly once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    src, out = write_input(tmp_path / "in.jsonl", "A", 150), tmp_path / "out.jsonl"
+    env = {**os.environ, "EDGEGUARD_CACHE_DIR": str(tmp_path / "cache"), "EDGEGUARD_THREADS": "1"}
+    command = [sys.executable, "-m", "edgeguard", "scan", str(src), "--out", str(out), "--model", model,
+               "--quant", "f16"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or out.stat().st_size == 0) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    first_stderr = first.communicate(timeout=300)[1].decode()
+    if second.returncode != 2:
+        pytest.skip("the first scan finished before the second started; nothing concurrent to see")
+    assert "another scan is writing" in second.stderr, second.stderr
+    assert first.returncode in (0, 1), first_stderr
+    assert [r["id"] for r in rows(out)] == [f"A{i}" for i in range(150)]
