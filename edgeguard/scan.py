@@ -157,11 +157,11 @@ def _resume_point(out: BinaryIO, infile: Path, outfile: Path, current: dict, sta
     """How many input lines the output already holds, after checking it is a scan of this
     input with this model and policy; the output is cut to exactly those lines."""
     record_file = record_path(outfile)
-    if not record_file.exists():
-        if os.fstat(out.fileno()).st_size:  # refused untouched: it may be someone else's file
-            raise UsageError(f"{outfile} exists but has no scan record ({record_file.name}), so it cannot be "
-                             "resumed safely; rerun with --restart to overwrite it, or choose another --out")
-        return 0
+    if os.fstat(out.fileno()).st_size == 0:
+        return 0  # nothing to resume or protect: a stale record is simply rewritten
+    if not record_file.exists():  # refused untouched: it may be someone else's file
+        raise UsageError(f"{outfile} exists but has no scan record ({record_file.name}), so it cannot be "
+                         "resumed safely; rerun with --restart to overwrite it, or choose another --out")
     record = Record.read(record_file)
     changed = differences(record.identity, current)
     if changed:

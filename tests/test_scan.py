@@ -225,3 +225,12 @@ def test_two_concurrent_scans_into_one_output(model, tmp_path):
     assert "another scan is writing" in second.stderr, second.stderr
     assert first.returncode in (0, 1), first_stderr
     assert [r["id"] for r in rows(out)] == [f"A{i}" for i in range(150)]
+
+
+def test_an_emptied_output_starts_over_whatever_its_stale_record_says(model, scanned):
+    src, out, full = scanned
+    out.write_bytes(b"")
+    result = scan(model, src, out, "--policy", "loose")  # would be refused with lines to protect
+    assert result.exit_code in (0, 1), result.output
+    assert len(rows(out)) == 10 and all(r["policy"] == "loose" for r in rows(out))
+    assert json.loads(record_path(out).read_text())["policy"]["name"] == "loose"
