@@ -224,7 +224,7 @@ def scan(infile, outfile, restart, engine, policy, model, quant, offline, thread
     with _load(model, quant, engine, policy, offline, threads, device) as guard:
         stats = run_scan(guard, infile, None if to_stdout else Path(outfile), identity=identity(guard, loaded_quant),
                          restart=restart, stdout=sys.stdout.buffer if to_stdout else None)
-    resumed = f", {stats.skipped} kept from an earlier run" if stats.skipped else ""
+    resumed = f", {stats.kept} kept from an earlier run" if stats.kept else ""
     _progress(f"scanned {stats.done} lines{resumed}: {stats.flagged} flagged, {stats.malformed} malformed, "
               f"{stats.blank} blank -> {'stdout' if to_stdout else outfile}")
     sys.exit(stats.exit_code)

@@ -35,7 +35,7 @@ class ScanStats:
     """Counts over the whole output (lines kept from an earlier run included)."""
 
     done: int = 0  # lines checked by this run
-    skipped: int = 0  # lines already in the output from an earlier run
+    kept: int = 0  # lines already in the output from an earlier run
     malformed: int = 0  # lines that could not be checked (an "error" line)
     flagged: int = 0
     blank: int = 0
@@ -217,7 +217,7 @@ def run_scan(guard, infile: Path, outfile: Path | None, *, identity: dict, resta
             start = 0
         else:
             start = _resume_point(out, infile, outfile, identity, stats)
-        stats.skipped = start
+        stats.kept = start
 
         def record(lines: int, input_sha256: str) -> None:
             write_atomically(record_path(outfile), Record(identity, lines, input_sha256).to_json())
