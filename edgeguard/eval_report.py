@@ -44,8 +44,12 @@ def _drift(a: dict, b: dict) -> float:
 
 def compute(dataset: Dataset, kind: str, runs: dict[str, dict[int, dict]], order: list[str],
             policy: str = "strict") -> dict:
-    """Every figure of the report, as plain JSON types."""
-    items = dataset.items
+    """Every figure of the report, as plain JSON types. An item that failed in any variant
+    (its record holds an "error") is left out of every figure, and listed."""
+    failed = [{"line": line, "variant": v, "error": r["error"]}
+              for v in order for line, r in sorted(runs[v].items()) if "error" in r]
+    left_out = {f["line"] for f in failed}
+    items = [i for i in dataset.items if i.line not in left_out]
     groups = {"overall": list(items)}
     for subset in dataset.subsets:
         groups[f"subset:{subset}"] = [i for i in items if i.subset == subset]
@@ -70,7 +74,7 @@ def compute(dataset: Dataset, kind: str, runs: dict[str, dict[int, dict]], order
                                     [runs[base][line]["label"] for line in keys], drifts).to_dict()
         agreements[v]["drifts"] = drifts
     return {"data": dataset.summary(), "engine": kind, "policy": policy, "variants": order,
-            "baseline": base, "results": variants, "agreement": agreements}
+            "baseline": base, "results": variants, "agreement": agreements, "failed": failed}
 
 
 def item_lines(dataset: Dataset, runs: dict[str, dict[int, dict]], order: list[str]):
@@ -158,6 +162,9 @@ def markdown(report: dict, dataset: Dataset, runs: dict[str, dict[int, dict]], p
             out += _table(["item", "gold", base, v, "text"], rows)
             if len(a["changed"]) > CHANGED_LISTED:
                 out += ["", f"... and {len(a['changed']) - CHANGED_LISTED} more in report.json."]
+    if report["failed"]:
+        out += ["", "## Items left out (failed in a variant)", ""]
+        out += [f"- line {x['line']} ({x['variant']}): {x['error']}" for x in report["failed"][:CHANGED_LISTED]]
     if d["malformed"]:
         out += ["", "## Malformed input lines", ""]
         out += [f"- line {x['line']}: {x['reason']}" for x in d["malformed_lines"][:CHANGED_LISTED]]

@@ -178,8 +178,12 @@ def run_variant(dataset: Dataset, options: EvalOptions, variant: str, out: Path,
         for count, item in enumerate(todo):
             if stop_after is not None and count >= stop_after:
                 break
-            record = (gen_record(guard, item) if kind == "gen"
-                      else stream_record(guard, item, n_before))
+            try:
+                record = (gen_record(guard, item) if kind == "gen"
+                          else stream_record(guard, item, n_before))
+            except UsageError as e:  # e.g. a conversation longer than the model's context
+                record = {"error": str(e)}
+                progress(f"{variant}: {item.key}: left out: {e}")
             record["line"] = item.line
             f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
             f.flush()

@@ -89,22 +89,81 @@ def test_gen_eval_matches_the_check_command(gen_model, tmp_path):
         assert got["scores"] == pytest.approx(verdict["scores"], abs=1e-6)
 
 
-def test_resume_after_interruption_gives_the_same_report(gen_model, tmp_path):
-    options = EvalOptions(model=gen_model, quants=("q4_k_m", "f16"))
-    whole = run_eval(GEN_FILE, options, tmp_path / "whole")
+@pytest.fixture(scope="module")
+def whole_run(gen_model, tmp_path_factory):
+    """An uninterrupted run of the Gen set through q4_k_m and f16."""
+    out = tmp_path_factory.mktemp("whole")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEGUARD_CACHE_DIR", str(out / "cache"))
+        result = run_eval(GEN_FILE, EvalOptions(model=gen_model, quants=RESUME_QUANTS), out / "report")
+    return result.report, (out / "report" / "items.jsonl").read_text()
+
+
+RESUME_QUANTS = ("q4_k_m", "f16")
+
+
+def _without_data(report):
+    return {k: v for k, v in report.items() if k != "data"}
+
+
+def test_resume_after_interruption_gives_the_same_report(gen_model, whole_run, tmp_path):
     from edgeguard.errors import UsageError
 
+    options = EvalOptions(model=gen_model, quants=RESUME_QUANTS)
     with pytest.raises(UsageError, match="not evaluated yet"):
         run_eval(GEN_FILE, options, tmp_path / "cut", stop_after=7)
-    run_file = tmp_path / "cut" / "runs" / "f16.jsonl"
-    with open(run_file, "ab") as f:  # a line torn by the interruption
+    with open(tmp_path / "cut" / "runs" / "f16.jsonl", "ab") as f:  # a line torn by the interruption
         f.write(b'{"label": "Saf')
     said = []
     resumed = run_eval(GEN_FILE, options, tmp_path / "cut", progress=said.append)
     assert any("resuming, 7 of" in s for s in said)
-    strip = lambda r: {k: v for k, v in r.items() if k != "data"}  # noqa: E731
-    assert strip(resumed.report) == strip(whole.report)
-    assert (tmp_path / "cut" / "items.jsonl").read_text() == (tmp_path / "whole" / "items.jsonl").read_text()
+    assert _without_data(resumed.report) == _without_data(whole_run[0])
+    assert (tmp_path / "cut" / "items.jsonl").read_text() == whole_run[1]
+
+
+def test_a_killed_cli_run_resumes_to_the_same_report(gen_model, whole_run, tmp_path):
+    """SIGKILL in the middle of a real `edgeguard eval` process, then the same command again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-c", "from edgeguard.cli import main; main()", "eval", str(GEN_FILE),
+           "--model", gen_model, "--quant", ",".join(RESUME_QUANTS), "--out", str(out)]
+    env = {**__import__("os").environ, "EDGEGUARD_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_file = out / "runs" / "q4_k_m.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if run_file.exists() and run_file.read_bytes().count(b"\n") >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = run_file.read_bytes().count(b"\n") - 1
+    assert 5 <= done < len(gen_eval_lines()) and not (out / "report.json").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"q4_k_m: resuming, {done} of" in again.stderr
+    report = json.loads((out / "report.json").read_text())
+    report.pop("plots")
+    assert _without_data(report) == json.loads(json.dumps(_without_data(whole_run[0])))
+    assert (out / "items.jsonl").read_text() == whole_run[1]
+
+
+def test_an_item_that_fails_is_left_out_and_listed(gen_model, tmp_path):
+    """A conversation longer than the context: listed with its error, out of every figure."""
+    data = tmp_path / "data.jsonl"
+    long_prompt = " ".join(["word"] * 1500)
+    data.write_text(GEN_FILE.read_text() + json.dumps({"prompt": long_prompt, "label": "Safe"}) + "\n")
+    options = EvalOptions(model=gen_model, quants=("q8_0",), guard_options=(("n_ctx", 1024),))
+    report = run_eval(data, options, tmp_path / "r").report
+    assert [f["line"] for f in report["failed"]] == [len(gen_eval_lines()) + 1]
+    assert "1024" in report["failed"][0]["error"]
+    assert report["results"]["q8_0"]["metrics"]["overall"]["n"] == len(gen_eval_lines())
+    assert "Items left out" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_a_run_of_other_data_is_not_resumed(gen_model, tmp_path):
