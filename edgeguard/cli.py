@@ -389,3 +389,7 @@ def doctor(device, as_json, no_self_test):
 from edgeguard.eval_cli import eval_command  # noqa: E402
 
 main.add_command(eval_command)
+
+from edgeguard.serve_cli import serve  # noqa: E402
+
+main.add_command(serve)
