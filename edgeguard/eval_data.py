@@ -141,6 +141,8 @@ def parse_item(obj, line: int) -> Item:
         raise _Bad("not a JSON object")
     messages = _messages(obj)
     label = obj.get("label")
+    if label is None:
+        raise _Bad('"label" is missing')
     if not isinstance(label, str) or label.strip().lower() not in _LABELS:
         raise _Bad(f'"label" must be one of {", ".join(LABELS)}, got {label!r}')
     label = _LABELS[label.strip().lower()]

@@ -250,3 +250,25 @@ def test_stream_reference_checkpoint_is_the_baseline(stream_model, tmp_path):
     for line in _lines(tmp_path / "r" / "items.jsonl"):
         ref, f16 = line["predictions"]["reference"], line["predictions"]["f16"]
         assert (ref.get("flagged_at"), ref.get("n_before")) == (f16.get("flagged_at"), f16.get("n_before"))
+
+
+def test_progress_bar_on_a_terminal_shows_rate_and_eta(monkeypatch):
+    import io
+    import sys
+
+    from edgeguard.evaluate import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = _progress_bar(10, "q4_k_m")
+    bar.update(4)
+    bar.refresh()
+    bar.close()
+    text = err.getvalue()
+    assert "q4_k_m" in text and "4/10" in text and "item/s" in text and "<" in text  # elapsed<ETA
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    assert _progress_bar(10, "q4_k_m") is None
