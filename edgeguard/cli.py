@@ -217,13 +217,13 @@ def scan(infile, outfile, restart, engine, policy, model, quant, offline, thread
     but some malformed (or a usage error), 3 model or runtime error. Counts go to stderr.
     """
     from edgeguard.loader import resolve
-    from edgeguard.scan import identity, run_scan
+    from edgeguard.scan import identity, open_output, run_scan
 
-    _, _, loaded_quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=_progress)
     to_stdout = outfile == "-"
-    with _load(model, quant, engine, policy, offline, threads, device) as guard:
-        stats = run_scan(guard, infile, None if to_stdout else Path(outfile), identity=identity(guard, loaded_quant),
-                         restart=restart, stdout=sys.stdout.buffer if to_stdout else None)
+    with open_output(infile, None if to_stdout else Path(outfile), sys.stdout.buffer) as output:
+        _, _, loaded_quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=_progress)
+        with _load(model, quant, engine, policy, offline, threads, device) as guard:
+            stats = run_scan(guard, infile, output, identity=identity(guard, loaded_quant), restart=restart)
     resumed = f", {stats.kept} kept from an earlier run" if stats.kept else ""
     _progress(f"scanned {stats.done} lines{resumed}: {stats.flagged} flagged, {stats.malformed} malformed, "
               f"{stats.blank} blank -> {'stdout' if to_stdout else outfile}")

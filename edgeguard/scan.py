@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -196,36 +198,55 @@ def _open_or_fail(outfile: Path, flags: int) -> BinaryIO:
     return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "wb")
 
 
-def run_scan(guard, infile: Path, outfile: Path | None, *, identity: dict, restart: bool = False,
-             stdout: BinaryIO | None = None, show_progress: bool = True) -> ScanStats:
-    """Scan ``infile`` into ``outfile`` (None: into ``stdout``, which cannot resume)."""
-    infile = Path(infile)
+@dataclass(frozen=True)
+class Output:
+    """An opened ``--out``: a locked regular file that can resume (``path``), or a stream
+    (stdout, a device, a pipe: ``path`` None) that cannot."""
+
+    stream: BinaryIO
+    path: Path | None
+
+
+@contextmanager
+def open_output(infile: Path, outfile: Path | None, stdout: BinaryIO | None = None) -> Iterator[Output]:
+    """Open and lock ``outfile`` (None: ``stdout``). Done before the model loads, so a second
+    writer is refused at once; the lock lasts until the block ends."""
     if outfile is None:
-        return _scan_into(guard, infile, stdout, ScanStats(), start=0, show_progress=show_progress)
+        yield Output(stdout, None)
+        return
     outfile = Path(outfile)
-    if outfile.exists() and infile.resolve() == outfile.resolve():
+    if outfile.exists() and Path(infile).resolve() == outfile.resolve():
         raise UsageError("--out must differ from the input file")
-    if _is_stream(outfile):  # /dev/stdout, a pipe: written as a stream, nothing to resume
+    if _is_stream(outfile):
         with _open_or_fail(outfile, os.O_WRONLY) as out:
-            return _scan_into(guard, infile, out, ScanStats(), start=0, show_progress=show_progress)
+            yield Output(out, None)
+        return
     with _open_or_fail(outfile, os.O_RDWR | os.O_CREAT) as out:
-        fd = out.fileno()
-        lock_exclusively(fd, outfile)
-        stats = ScanStats()
-        if restart:
-            out.truncate(0)
-            start = 0
-        else:
-            start = _resume_point(out, infile, outfile, identity, stats)
-        stats.kept = start
-
-        def record(lines: int, input_sha256: str) -> None:
-            write_atomically(record_path(outfile), Record(identity, lines, input_sha256).to_json())
-
-        _scan_into(guard, infile, out, stats, start=start, show_progress=show_progress, on_line=record)
+        lock_exclusively(out.fileno(), outfile)
+        yield Output(out, outfile)
         out.flush()
         os.fsync(out.fileno())
-    return stats
+
+
+def run_scan(guard, infile: Path, output: Output, *, identity: dict, restart: bool = False,
+             show_progress: bool = True) -> ScanStats:
+    """Scan ``infile`` into ``output``, resuming a file output unless ``restart``."""
+    infile = Path(infile)
+    out, outfile = output.stream, output.path
+    if outfile is None:
+        return _scan_into(guard, infile, out, ScanStats(), start=0, show_progress=show_progress)
+    stats = ScanStats()
+    if restart:
+        out.truncate(0)
+        start = 0
+    else:
+        start = _resume_point(out, infile, outfile, identity, stats)
+    stats.kept = start
+
+    def record(lines: int, input_sha256: str) -> None:
+        write_atomically(record_path(outfile), Record(identity, lines, input_sha256).to_json())
+
+    return _scan_into(guard, infile, out, stats, start=start, show_progress=show_progress, on_line=record)
 
 
 def _scan_into(guard, infile: Path, out: BinaryIO, stats: ScanStats, *, start: int, show_progress: bool,

@@ -118,11 +118,16 @@ def test_output_without_a_record_is_not_resumed(model, tmp_path):
     assert out.read_text() == "my own notes\n"
 
 
-def test_a_second_writer_is_refused(model, tmp_path):
+def test_a_second_writer_is_refused(model, tmp_path, monkeypatch):
+    from edgeguard import cli
+
     src, out = write_input(tmp_path / "in.jsonl", "A", 3), tmp_path / "out.jsonl"
+    real_load = cli._load
     with open(out, "ab") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running scan holds
+        monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("refused only after loading the model"))
         result = scan(model, src, out)
+        monkeypatch.setattr(cli, "_load", real_load)
     assert result.exit_code == 2, result.output
     assert "another scan is writing" in result.output
     assert out.read_bytes() == b""
