@@ -149,7 +149,9 @@ class State:
         return self.gen_worker if guard is self.gen else self.stream_worker
 
     async def checks(self, guard, items: list[tuple]) -> list:
-        return await self.worker(guard).submit("check", items=items)
+        # Always (prompt or messages, response or None): StreamGuard.check_many unpacks pairs.
+        pairs = [(args[0], args[1] if len(args) > 1 else None) for args in items]
+        return await self.worker(guard).submit("check", items=pairs)
 
 
 def _state(request) -> State:
