@@ -81,12 +81,14 @@ def _access_log() -> None:
               help="Conversations that may wait per engine (more: 503 with Retry-After).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Gen conversations decoded together (default: the engine's max_batch, 8).")
+@click.option("--max-streams", type=click.IntRange(min=1), default=15, show_default=True,
+              help="WebSocket streams open at once (more: refused with 503 / close 1013).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per engine (default: all).")
 @click.option("--offline", is_flag=True, default=None, help="Never use the network.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (uvicorn, llama.cpp) to stderr.")
 @_handle_errors
 def serve(model, stream_model, quant, host, port, device, policy, api_key, max_body, max_queue, max_batch,
-          threads, offline, verbose):
+          max_streams, threads, offline, verbose):
     """Serve the models over HTTP: OpenAI's POST /v1/moderations, POST /v1/check, WebSocket
     /v1/stream, GET /health, /ready and /metrics.
 
@@ -109,7 +111,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     if verbose:
         logging.getLogger("edgeguard").setLevel(logging.DEBUG)
     _access_log()
-    guards = _load_models(model, stream_model, quant, policy, offline, threads, device, verbose)
+    guards = _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams)
     try:
         config = ServerConfig(api_key=api_key, max_body=max_body, max_queue=max_queue, max_batch=max_batch)
         app = create_app(guards.get("gen"), guards.get("stream"), config)
@@ -118,7 +120,8 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         names = ", ".join(f"{kind}: {g.name}" for kind, g in guards.items())
         click.echo(f"edgeguard: serving on http://{shown}:{sock.getsockname()[1]} ({names})", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=False,
-                                               lifespan="on", timeout_graceful_shutdown=30))
+                                               lifespan="on", timeout_graceful_shutdown=30,
+                                               ws_max_size=max_body))
         # uvicorn handles SIGTERM/SIGINT (drain, then shut down) and re-raises the signal after
         # restoring the handlers it found: these make that last step a clean exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +133,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     click.echo("edgeguard: stopped", err=True)
 
 
-def _load_models(model, stream_model, quant, policy, offline, threads, device, verbose) -> dict:
+def _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams) -> dict:
     from edgeguard.cli import _progress
     from edgeguard.loader import load
 
@@ -140,8 +143,10 @@ def _load_models(model, stream_model, quant, policy, offline, threads, device, v
     guards = {}
     try:
         for engine, name in wanted.items():
+            # One Stream sequence more than the streams: /v1/check on the Stream model uses it.
+            extra = {"max_sessions": max_streams + 1} if engine == "stream" else {}
             guards[engine] = load(name, quant, engine=engine, policy=policy, offline=offline, progress=_progress,
-                                  n_threads=threads, device=device, verbose=verbose)
+                                  n_threads=threads, device=device, verbose=verbose, **extra)
     except BaseException:
         for guard in guards.values():
             guard.close()

@@ -166,15 +166,19 @@ class LiveStream:
         self.retokenizer = retokenizer
         self.mode: str | None = None  # "text" or "tokens": a stream takes one of them
 
-    def ids_for(self, job: Job) -> list[int]:
-        """The token ids a feed job brings (text goes through the retokenizer)."""
+    def ids_for(self, job: Job, n_vocab: int) -> list[int]:
+        """The token ids a feed job brings (text goes through the retokenizer); checked before
+        anything changes, so a bad frame leaves the stream as it was."""
         mode = "text" if job.text is not None else "tokens" if job.ids is not None else self.mode
         if mode is not None and self.mode not in (None, mode):
             raise UsageError(f"this stream takes {self.mode}; send either text or tokens, not both")
-        self.mode = mode
+        for value in job.ids or ():
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_vocab:
+                raise UsageError(f"token ids must be integers in [0, {n_vocab}), got {value!r}")
         ids = self.retokenizer.push(job.text) if job.text is not None else list(job.ids or ())
         if job.final:
             ids += self.retokenizer.finish()
+        self.mode = mode
         return ids
 
     def report(self, verdicts: list, *, with_state: bool = True) -> dict[str, Any]:
@@ -212,7 +216,7 @@ class StreamWorker(_Worker):
                 later.append(job)
             elif job.kind == "feed":
                 try:
-                    feeds.setdefault(stream, []).append((job, stream.ids_for(job)))
+                    feeds.setdefault(stream, []).append((job, stream.ids_for(job, self.guard.vocab.n_vocab)))
                 except Exception as e:
                     job.fail(e)
             elif stream is not None and stream in feeds:

@@ -1,0 +1,231 @@
+"""`WebSocket /v1/stream` on the real server with the `websockets` client, compared token by
+token with `edgeguard stream --json`."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from click.testing import CliRunner
+
+from edgeguard.cli import main
+from tests.test_server import TOL, Server, cache_env, cli_cache, stream_model, assert_same_verdict  # noqa: F401
+
+PROMPT = "How do I bake bread?"
+RESPONSES = [
+    "Sure, here is how to do it. First, mix flour and water.",
+    "I cannot help with that request, sorry!",
+    "Step 1: find the door. Step 2: use the key 🔑 and open it.",
+    "Bread needs yeast, salt, water and time.",
+]
+
+
+@pytest.fixture(scope="module")
+def server(stream_model, cache_env):  # noqa: F811
+    srv = Server("--stream-model", stream_model, "--max-streams", "8", env=cache_env)
+    yield srv
+    assert srv.stop() == 0, srv.stderr
+
+
+def cli_stream(model: str, prompt: str, response: str) -> list[dict]:
+    result = CliRunner().invoke(main, ["stream", "--model", model, "--prompt", prompt, "--response", response,
+                                       "--json"])
+    assert result.exit_code in (0, 1), result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def connect(server, **kw):
+    from websockets.sync.client import connect as ws_connect
+
+    return ws_connect(f"ws://127.0.0.1:{server.port}/v1/stream", proxy=None, open_timeout=30, **kw)
+
+
+def run(server, frames: list[dict], first: dict | None = None) -> tuple[list[dict], int | None]:
+    """Send the frames (then read everything until the server closes): the events, the close code."""
+    from websockets.exceptions import ConnectionClosed
+
+    events = []
+    with connect(server) as ws:
+        ws.send(json.dumps(first or {"prompt": PROMPT}))
+        for frame in frames:
+            ws.send(json.dumps(frame))
+        try:
+            while True:
+                events.append(json.loads(ws.recv(timeout=60)))
+        except ConnectionClosed:
+            pass
+        return events, ws.close_code
+
+
+def token_lines(events):
+    return [e for e in events if "event" not in e]
+
+
+def assert_same_lines(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert set(g) == set(w)
+        for key, value in w.items():
+            if key == "scores":
+                for name, p in value.items():
+                    assert g[key][name] == pytest.approx(p, abs=TOL)
+            elif key == "prompt":
+                assert_same_verdict(g[key], value)
+            else:
+                assert g[key] == value, (key, g, w)
+
+
+def chunks(text: str, size: int) -> list[dict]:
+    return [{"text": text[i: i + size]} for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("response", RESPONSES[:2])
+def test_text_stream_matches_stream_json(server, stream_model, response):
+    want = cli_stream(stream_model, PROMPT, response)
+    events, code = run(server, chunks(response, 7) + [{"finish": True}])
+    assert code == 1000
+    assert events[0]["event"] == "prompt"
+    assert_same_verdict({k: v for k, v in events[0].items() if k != "event"}, want[-1]["prompt"])
+    assert_same_lines(token_lines(events), want[:-1])
+    assert events[-1]["event"] == "verdict"
+    assert_same_lines([events[-1]], [want[-1]])
+    flagged = [i for i, e in enumerate(events) if e.get("event") == "flagged"]
+    if want[-1]["flagged"]:
+        assert len(flagged) == 1  # once, and only after the token that triggered it was sent
+        before = token_lines(events[: flagged[0]])
+        assert before[-1]["index"] >= want[-1]["flagged_at"]
+        assert events[flagged[0]]["flagged_at"] == want[-1]["flagged_at"]
+    else:
+        assert flagged == []
+
+
+def test_some_response_flags(server, stream_model):
+    # The random fixture flags this one (the test above checks the event then); keep it so.
+    assert cli_stream(stream_model, PROMPT, RESPONSES[0])[-1]["flagged"]
+
+
+def test_token_frames_and_rollback(server, stream_model):
+    want = cli_stream(stream_model, PROMPT, RESPONSES[2])
+    ids = [line["token"] for line in want[:-1]]
+    frames = [{"tokens": ids[:3]}, {"tokens": ids[3:8]}, {"rollback": 2}, {"tokens": ids[6:]}, {"finish": True}]
+    events, code = run(server, frames)
+    assert code == 1000
+    rollback = [e for e in events if e.get("event") == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["tokens"] == 6
+    lines = token_lines(events)
+    assert_same_lines(lines[:8], want[:8])
+    assert_same_lines(lines[8:], want[6:-1])  # after the rollback, as if never sent
+    assert_same_lines([events[-1]], [want[-1]])
+
+
+def test_messages_prompt(server):
+    events, code = run(server, [{"text": "Hello.", "finish": True}],
+                       first={"messages": [{"role": "user", "content": PROMPT}]})
+    by_prompt, _ = run(server, [{"text": "Hello.", "finish": True}])
+    assert code == 1000
+    assert_same_lines(token_lines(events), token_lines(by_prompt))
+    assert_same_lines([events[-1]], [by_prompt[-1]])
+
+
+def test_eight_concurrent_streams_equal_sequential(server):
+    responses = (RESPONSES * 2)[:8]
+    sequential = [run(server, chunks(r, 5) + [{"finish": True}])[0] for r in responses]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda r: run(server, chunks(r, 5) + [{"finish": True}])[0], responses))
+    for got, want in zip(concurrent, sequential):
+        # Frames that wait together are judged together: a "flagged" event may then come a few
+        # token lines later than alone, never earlier than its token.
+        assert_same_lines(token_lines(got), token_lines(want))
+        assert_same_lines([e for e in got if "event" in e], [e for e in want if "event" in e])
+
+
+def test_bad_frames_get_errors_and_change_nothing(server, stream_model):
+    want = cli_stream(stream_model, PROMPT, RESPONSES[3])
+    bad = ["{not json", json.dumps([1]), json.dumps({"tokens": [10 ** 9]}), json.dumps({"tokens": "abc"}),
+           json.dumps({"rollback": -1}), json.dumps({"hello": 1}), json.dumps({"text": 5})]
+    from websockets.exceptions import ConnectionClosed
+
+    events = []
+    with connect(server) as ws:
+        ws.send(json.dumps({"prompt": PROMPT}))
+        for raw in bad:
+            ws.send(raw)
+        ws.send(json.dumps({"text": RESPONSES[3][:10]}))
+        ws.send(json.dumps({"tokens": [1, 2]}))  # this stream takes text
+        ws.send(json.dumps({"text": RESPONSES[3][10:], "finish": True}))
+        try:
+            while True:
+                events.append(json.loads(ws.recv(timeout=60)))
+        except ConnectionClosed:
+            pass
+        assert ws.close_code == 1000
+    errors = [e for e in events if e.get("event") == "error"]
+    assert len(errors) == len(bad) + 1
+    for e in errors:
+        assert e["status"] == 400 and set(e["error"]) == {"message", "type", "code"}
+    assert_same_lines(token_lines(events), want[:-1])
+    assert_same_lines([events[-1]], [want[-1]])
+
+
+@pytest.mark.parametrize("first", [{"response": "x"}, {"prompt": 5}, {"prompt": "   "}, "nope"])
+def test_bad_opening_frame_closes(server, first):
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(server) as ws:
+        ws.send(first if isinstance(first, str) else json.dumps(first))
+        event = json.loads(ws.recv(timeout=60))
+        assert event["event"] == "error" and event["status"] == 400
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=60)
+        assert ws.close_code == 1008
+    assert server.get("/health")[0] == 200
+
+
+def test_client_vanishing_mid_stream_frees_its_session(server):
+    for _ in range(10):  # more than --max-streams: each must have been freed
+        with connect(server) as ws:
+            ws.send(json.dumps({"prompt": PROMPT}))
+            ws.send(json.dumps({"text": "Some text that never finishes"}))
+            json.loads(ws.recv(timeout=60))
+    events, code = run(server, [{"text": "Fine.", "finish": True}])
+    assert code == 1000 and events[-1]["event"] == "verdict"
+
+
+def test_too_many_streams_is_503(stream_model, cache_env):  # noqa: F811
+    from websockets.exceptions import ConnectionClosed
+
+    srv = Server("--stream-model", stream_model, "--max-streams", "1", env=cache_env)
+    try:
+        with connect(srv) as first:
+            first.send(json.dumps({"prompt": PROMPT}))
+            assert json.loads(first.recv(timeout=60))["event"] == "prompt"
+            with connect(srv) as second:
+                second.send(json.dumps({"prompt": PROMPT}))
+                event = json.loads(second.recv(timeout=60))
+                assert event["status"] == 503 and event["error"]["code"] == "too_many_streams"
+                with pytest.raises(ConnectionClosed):
+                    second.recv(timeout=60)
+                assert second.close_code == 1013
+            first.send(json.dumps({"text": "ok", "finish": True}))
+            while json.loads(first.recv(timeout=60)).get("event") != "verdict":
+                pass
+    finally:
+        assert srv.stop() == 0, srv.stderr
+
+
+def test_stream_auth(stream_model, cache_env):  # noqa: F811
+    from websockets.exceptions import InvalidStatus
+
+    srv = Server("--stream-model", stream_model, "--api-key", "k3y", env=cache_env)
+    try:
+        with pytest.raises(InvalidStatus) as e:
+            with connect(srv):
+                pass
+        assert e.value.response.status_code == 401
+        with connect(srv, additional_headers={"Authorization": "Bearer k3y"}) as ws:
+            ws.send(json.dumps({"prompt": PROMPT}))
+            assert json.loads(ws.recv(timeout=60))["event"] == "prompt"
+    finally:
+        assert srv.stop() == 0, srv.stderr
+
