@@ -1,5 +1,6 @@
 """Gen: warm ``GenGuard.check`` against plain llama.cpp greedy generation of the verdict
-(same GGUF, same tokens, fresh KV per check) and against transformers ``generate``.
+(same GGUF, same tokens, fresh KV per check, llama.cpp's C API with a greedy loop) and against
+transformers ``generate``; and batched ``check_many`` against one-by-one checks.
 
 edgeguard and the llama.cpp baseline run in the same process and are interleaved input by
 input (A, B, A, B ...) so that load from other processes on the machine hits both alike.
@@ -27,10 +28,9 @@ def _by_kind(items, times):
 
 def edgeguard_vs_llama(args: dict) -> dict:
     """One quant, one thread count: interleaved edgeguard check / llama.cpp generation."""
-    import llama_cpp
-
     import edgeguard
     from bench.models import gguf_path
+    from bench.stream_bench import BareLlama
 
     folder, quant, threads = Path(args["folder"]), args["quant"], int(args["threads"])
     items, reps = args["inputs"], int(args.get("reps", 1))
@@ -38,14 +38,13 @@ def edgeguard_vs_llama(args: dict) -> dict:
     with tempfile.TemporaryDirectory() as prefix_dir:
         t = Timer()
         with t:
-            guard = edgeguard.load(folder, quant, n_threads=threads, prefix_cache=Path(prefix_dir))
+            guard = edgeguard.load(folder, quant, n_threads=threads, prefix_cache=Path(prefix_dir),
+                                   device=args.get("device", "cpu"))
         load_s = t.s
         llm = None
         if baseline:
             with t:
-                llm = llama_cpp.Llama(model_path=str(gguf_path(folder, quant)), n_ctx=2048, n_batch=512,
-                                      logits_all=False, n_threads=threads, n_threads_batch=threads,
-                                      verbose=False)
+                llm = BareLlama(gguf_path(folder, quant), threads, n_gpu_layers=guard.device.n_gpu_layers)
             llm_load_s = t.s
 
         def ours(it):
@@ -54,13 +53,9 @@ def edgeguard_vs_llama(args: dict) -> dict:
             return tm.s, v
 
         def plain(tokens):
-            llm.reset()  # fresh KV cache per check, as a plain user would (no prefix reuse)
-            n = 0
+            llm.clear()  # fresh KV cache per check, as a plain user would (no prefix reuse)
             with Timer() as tm:
-                for _ in llm.generate(tokens, temp=0.0, reset=True):
-                    n += 1
-                    if n == N_NEW:
-                        break
+                llm.generate(tokens, N_NEW)
             return tm.s
 
         tokens = [guard.tokens(it["prompt"], it["response"]) for it in items]
@@ -81,6 +76,8 @@ def edgeguard_vs_llama(args: dict) -> dict:
                 if llm is not None:
                     plain_t.append(plain(toks))
         guard.close()
+        if llm is not None:
+            llm.close()
     all_items = items * reps
     per_input = {}
     for it, a, b in zip(all_items, ours_t, plain_t or [None] * len(ours_t)):

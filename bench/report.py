@@ -66,6 +66,7 @@ def targets(res: dict) -> list[dict]:
         r = _div(_med(b["one_feed"]), _med(b["k_single_feeds"]))
         out.append({"target": f"Stream backlog of {b['k']}: one feed costs one forward (< k single feeds)",
                     "value": r, "met": r is not None and r < 0.5})
+    out += _batch_targets(res.get("batch", {}))
     m = res.get("memory", {})
     for key, label in (("gen_q4_k_m", "Gen"), ("stream_q4_k_m", "Stream")):
         if "peak_rss_mb" in m.get(key, {}):
@@ -77,6 +78,22 @@ def targets(res: dict) -> list[dict]:
         for run in c["runs"][:2]:
             out.append({"target": f"One-shot `edgeguard check` < 2 s (prefix cache {run['prefix_cache']})",
                         "value": run["wall_s"], "met": run["ok"] and run["wall_s"] < 2, "unit": "s"})
+    return out
+
+
+def _batch_targets(b: dict) -> list[dict]:
+    out = []
+    g, s = b.get("gen", {}), b.get("stream", {})
+    if "throughput_ratio" in g:
+        out.append({"target": f"Gen check_many(batch_size={g['batch_size']}) throughput / one-by-one >= 1.3",
+                    "value": g["throughput_ratio"], "met": g["throughput_ratio"] >= 1.3})
+        out.append({"target": "Gen check_many(batch_size=1) time / one-by-one loop <= 1.05 (no slower)",
+                    "value": g["batch1_vs_loop"], "met": g["batch1_vs_loop"] <= 1.05})
+    if "step_ratio" in s:
+        out.append({"target": f"Stream: one step of {s['sessions']} sessions / one session's step <= 2",
+                    "value": s["step_ratio"], "met": s["step_ratio"] <= 2})
+        out.append({"target": f"Peak RSS, Stream Q4_K_M with {s['sessions']} live sessions of {s['fill']} tokens "
+                              "<= 900 MB", "value": s["peak_rss_mb"], "met": s["peak_rss_mb"] <= 900, "unit": "MB"})
     return out
 
 
@@ -105,7 +122,7 @@ def markdown(res: dict) -> str:
     if g.get("quants"):
         tf = g.get("transformers", {})
         L += ["## Gen: warm check vs plain generation of the verdict (2 threads)", "",
-              "edgeguard `GenGuard.check` (prefix cache, scored read-outs) vs llama-cpp-python `Llama` greedy "
+              "edgeguard `GenGuard.check` (prefix cache, scored read-outs) vs llama.cpp's C API greedy "
               "generation of 9 tokens on the same GGUF and tokens, fresh KV per check; interleaved input by "
               "input. transformers `generate` (greedy, 9 new tokens) on a subset of the same inputs. "
               "Times in ms (median / p90).", "",

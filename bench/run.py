@@ -1,6 +1,7 @@
 """edgeguard benchmark suite: one command, baselines in the same run, results as JSON + markdown.
 
-    python bench/run.py [--quick] [--out bench/results] [--only gen,stream,threads,coldstart,memory,faithful]
+    python bench/run.py [--quick] [--device cpu|gpu] [--out bench/results]
+                        [--only gen,stream,batch,threads,coldstart,memory,faithful]
 
 Every measurement runs in a fresh worker process (``bench/*.py``), so numbers are not polluted
 by other engines' memory or thread pools. See bench/README.md.
@@ -22,7 +23,7 @@ if str(REPO) not in sys.path:
 from bench import models, report  # noqa: E402
 from bench.common import gen_inputs, machine_info, run_worker, words  # noqa: E402
 
-SECTIONS = ("gen", "stream", "threads", "coldstart", "memory", "faithful")
+SECTIONS = ("gen", "stream", "batch", "threads", "coldstart", "memory", "faithful")
 
 
 def log(msg: str) -> None:
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--train-fixtures", action="store_true",
                     help="train the tiny fixtures for the faithfulness section if their cache is stale")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="where edgeguard and the llama.cpp baselines run (gpu needs a CUDA build)")
     a = ap.parse_args()
     only = set(a.only.split(","))
     quick = a.quick
@@ -45,7 +48,8 @@ def main() -> int:
     t_start = time.perf_counter()
     res: dict = {"quick": quick, "command": "python bench/run.py" + (" --quick" if quick else "")
                  + (f" --only {a.only}" if a.only != ",".join(SECTIONS) else ""),
-                 "machine": machine_info(), "errors": [], "sections_s": {}, "loadavg": {}}
+                 "machine": machine_info(), "errors": [], "sections_s": {}, "loadavg": {},
+                 "device": a.device}
 
     log("models (cached after the first run)")
     t0 = time.perf_counter()
@@ -80,7 +84,7 @@ def main() -> int:
             log(f"  gen {q}: edgeguard vs llama.cpp, {len(items)} inputs")
             g["quants"][q] = worker("gen_bench", "edgeguard_vs_llama",
                                     {"folder": paths["gen"], "quant": q, "threads": 2, "inputs": items,
-                                     "reps": 1, "tag": q}, timeout=600)
+                                     "reps": 1, "tag": q, "device": a.device}, timeout=600)
         toks = worker("gen_bench", "tokens", {"folder": paths["gen"], "quant": "q4_k_m", "inputs": items, "tag": "t"})
         subsets = {"bf16": ["short0", "short1", "medium0", "long0", "response0"] if not quick else ["short0", "medium0"],
                    "fp32": ["short0", "medium0", "response0"] if not quick else ["short0"]}
@@ -101,12 +105,23 @@ def main() -> int:
                                           {"folder": paths["stream"], "plain": paths["plain"], "quant": q,
                                            "threads": 2, "n_tokens": n_tok, "backlog": 16,
                                            "backlog_reps": 2 if quick else 3, "check_reps": 1 if quick else 3,
-                                           "tag": q}, timeout=600)
+                                           "tag": q, "device": a.device}, timeout=600)
         for dtype, n in (("bf16", 8 if quick else 24), ("fp32", 6 if quick else 16)):
             log(f"  stream transformers {dtype}: {n} tokens")
             s["transformers"][dtype] = worker("stream_bench", "transformers",
                                               {"ckpt": paths["stream_ckpt"], "dtype": dtype, "threads": 2,
                                                "n_tokens": n, "tag": dtype}, timeout=600)
+
+    def batch():
+        b = res["batch"] = {}
+        log("  batch: gen check_many(batch_size=8) vs one by one, 64 short prompts, q4_k_m")
+        b["gen"] = worker("batch_bench", "gen", {"folder": paths["gen"], "quant": "q4_k_m", "threads": 2,
+                                                 "n": 16 if quick else 64, "rounds": 1 if quick else 2,
+                                                 "device": a.device, "tag": "gen"}, timeout=900)
+        log("  batch: stream, 8 sessions of 512 tokens, one token each per step vs one session")
+        b["stream"] = worker("batch_bench", "stream", {"folder": paths["stream"], "quant": "q4_k_m", "threads": 2,
+                                                       "steps": 8 if quick else 24, "device": a.device,
+                                                       "tag": "stream"}, timeout=900)
 
     def threads():
         th = res["threads"] = {"runs": {}}
@@ -172,7 +187,7 @@ def main() -> int:
             if "skipped" in f[kind]:
                 log(f"  {f[kind]['skipped']}")
 
-    for name, fn in (("gen", gen), ("stream", stream), ("threads", threads), ("coldstart", coldstart),
+    for name, fn in (("gen", gen), ("stream", stream), ("batch", batch), ("threads", threads), ("coldstart", coldstart),
                      ("memory", memory), ("faithful", faithful)):
         try:
             section(name, fn)

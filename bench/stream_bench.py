@@ -8,7 +8,6 @@ that load from other processes hits both alike. transformers runs in its own pro
 
 from __future__ import annotations
 
-import ctypes
 import time
 from pathlib import Path
 
@@ -20,13 +19,17 @@ from bench.common import Timer, stats_ms, words, worker_main
 class BareLlama:
     """The plain llama.cpp C API, nothing else: one context, a reusable batch, no copies."""
 
-    def __init__(self, path: Path, threads: int, *, embeddings: bool = False, n_ctx: int = 2048):
+    def __init__(self, path: Path, threads: int, *, embeddings: bool = False, n_ctx: int = 2048,
+                 n_gpu_layers: int = 0):
         import llama_cpp
+
+        from edgeguard.llama_model import load_model
 
         self.L = L = llama_cpp
         L.llama_backend_init()
-        mp = L.llama_model_default_params()
-        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        # llama.cpp's own weight placement, except that on AMX builds (whose AMX kernels crash
+        # with GCC 11/12) the repacked AVX2/AVX-512 kernels are chosen by name, as edgeguard does.
+        self.model, _, _ = load_model(path, vocab_only=False, n_gpu_layers=n_gpu_layers, verbose=False)
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, 1
         cp.n_threads = cp.n_threads_batch = threads
@@ -43,7 +46,7 @@ class BareLlama:
         self.L.llama_memory_clear(self.mem, True)
         self.n_past = 0
 
-    def decode(self, tokens) -> None:
+    def decode(self, tokens):
         """Decode tokens at the next positions; output (logits or embedding) for the last only."""
         b, n = self.batch, len(tokens)
         for i, t in enumerate(tokens):
@@ -59,6 +62,19 @@ class BareLlama:
         get = self.L.llama_get_embeddings_ith if self.embeddings else self.L.llama_get_logits_ith
         ptr = get(self.ctx, n - 1)
         assert ptr
+        return ptr
+
+    def generate(self, tokens, n_new: int) -> list[int]:
+        """Plain greedy generation: prefill (512-token chunks), then one decode per new token."""
+        for start in range(0, len(tokens), 512):
+            ptr = self.decode(tokens[start:start + 512])
+        n_vocab = self.L.llama_vocab_n_tokens(self.L.llama_model_get_vocab(self.model))
+        out = []
+        for _ in range(n_new):
+            out.append(int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax()))
+            if len(out) < n_new:
+                ptr = self.decode(out[-1:])
+        return out
 
     def close(self):
         self.L.llama_batch_free(self.batch)
@@ -71,34 +87,23 @@ def _response_ids(n: int, seed: int = 5) -> list[int]:
     return [int(x) for x in rng.integers(1000, 150000, size=n)]
 
 
-class _Wrapped:
-    """Times calls to a bound method (for the per-token breakdown)."""
-
-    def __init__(self, fn):
-        self.fn, self.total = fn, 0.0
-
-    def __call__(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return self.fn(*a, **k)
-        finally:
-            self.total += time.perf_counter() - t0
-
-
 def per_token(args: dict) -> dict:
     import edgeguard
     from bench.models import gguf_path
 
     folder, plain, quant = Path(args["folder"]), Path(args["plain"]), args["quant"]
     threads, n_tok, k = int(args["threads"]), int(args["n_tokens"]), int(args.get("backlog", 16))
+    device = args.get("device", "cpu")
     with Timer() as t:
-        guard = edgeguard.load(folder, quant, n_threads=threads)
+        guard = edgeguard.load(folder, quant, n_threads=threads, device=device)
     load_s = t.s
-    bare = BareLlama(gguf_path(plain, quant), threads)
-    bare_emb = BareLlama(gguf_path(plain, quant), threads, embeddings=True) if args.get("embd_mode", True) else None
+    layers = guard.device.n_gpu_layers
+    bare = BareLlama(gguf_path(plain, quant), threads, n_gpu_layers=layers)
+    bare_emb = (BareLlama(gguf_path(plain, quant), threads, embeddings=True, n_gpu_layers=layers)
+                if args.get("embd_mode", True) else None)
     prompt = words(40, 11)
     ids = _response_ids(n_tok + 8)
-    prompt_tokens, _ = guard._prompt_tokens(prompt)
+    prompt_tokens, _ = guard.prompt_tokens(prompt)
     n_prompt = len(prompt_tokens)
     fill = _response_ids(n_prompt, seed=9)  # same positions for the bare baselines
 
@@ -108,12 +113,9 @@ def per_token(args: dict) -> dict:
         if b:
             b.clear()
             b.decode(fill)
-    ev = _Wrapped(guard._backend.eval)
-    hd = _Wrapped(guard._heads.run)
-    guard._backend.eval, guard._heads.run = ev, hd
     feed_t, bare_t, emb_t, dec_t, head_t = [], [], [], [], []
     for i, tok in enumerate(ids):
-        e0, h0 = ev.total, hd.total
+        e0, h0 = guard.timings.decode_ms / 1e3, guard.timings.heads_ms / 1e3
         with Timer() as tm:
             session.feed([tok])
         with Timer() as tb:
@@ -124,11 +126,10 @@ def per_token(args: dict) -> dict:
         if i >= 4:  # first steps: warm-up
             feed_t.append(tm.s)
             bare_t.append(tb.s)
-            dec_t.append(ev.total - e0)
-            head_t.append(hd.total - h0)
+            dec_t.append(guard.timings.decode_ms / 1e3 - e0)
+            head_t.append(guard.timings.heads_ms / 1e3 - h0)
             if bare_emb:
                 emb_t.append(te.s)
-    del guard._backend.eval, guard._heads.run  # back to the class methods
 
     # Backlog: feed(k ids) once vs k single feeds (rolled back in between), interleaved.
     back_t, singles_t = [], []
@@ -150,7 +151,7 @@ def per_token(args: dict) -> dict:
     for kind, n in (("short", 10), ("medium", 60), ("long", 250)):
         for r in range(int(args.get("check_reps", 3)) + 1):
             p = words(n, 100 * r + n)  # a new text each time: no reuse beyond the template head
-            toks, end = guard._prompt_tokens(p)
+            toks, end = guard.prompt_tokens(p)
             with Timer() as tm:
                 guard.check(p)
             bare.clear()

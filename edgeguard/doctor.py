@@ -75,7 +75,7 @@ def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None
 def gather(device: str = "auto", self_test: bool = True) -> dict:
     """The whole report as plain JSON types; ``report["healthy"]`` says whether all is well."""
     from edgeguard import backend, hub
-    from edgeguard.kernels import choose_device, plan_kernels
+    from edgeguard.kernels import amx_allowed, choose_device, plan_kernels
 
     info = backend.system_info()
     report: dict = {
@@ -101,7 +101,7 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
     plan = plan_kernels(info, [], repack=True, on_gpu=bool(choice and choice.n_gpu_layers))
     report["cpu_kernels"] = {
         "amx_in_build": info.amx,
-        "amx_allowed": backend.amx_allowed(),
+        "amx_allowed": amx_allowed(),
         "extra_buffer_types": sorted(backend.cpu_extra_buffer_types()),
         "plan": "llama.cpp default" if plan.extra_bufts else "CPU_REPACK by name, AMX off",
         "why": plan.reason,
@@ -114,7 +114,7 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
             healthy = healthy and result.ok
             if not result.ok:
                 notes.append(_advice(info.amx, choice.device))
-            if info.amx and not backend.amx_allowed() and result.ok:
+            if info.amx and not amx_allowed() and result.ok:
                 probe = run_child(Path(tmp), "cpu", {ALLOW_AMX_ENV: "1"})
                 report["amx_probe"] = probe.to_dict()
                 notes.append("llama.cpp's AMX kernels " + (

@@ -1,14 +1,17 @@
 """Gen engine: Qwen3Guard-Gen verdicts read from next-token probabilities, no generation.
 
-One forward over the rendered conversation + "Safety:" gives the label distribution; two short
+One forward over the rendered conversation + "Safety:" gives the label distribution; short
 continuations give the category and (for responses) the refusal. The part of the rendering
-before the conversation is the same for every input: its KV cache is computed once, persisted
-beside the model, and reused by every check.
+before the conversation is the same for every input: its KV cache is computed once (persisted
+beside the model), kept in a sequence of its own, and shared by every check. ``check_many``
+decodes the variable parts of up to ``batch_size`` conversations in one llama.cpp decode, each
+in its own sequence over that shared head.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,11 +20,11 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edgeguard.backend import Backend, choose_device
-from edgeguard.errors import InputTooLong, ModelError
+from edgeguard.engine import Defaults, Engine, EngineOptions
+from edgeguard.errors import ModelError, UsageError
 from edgeguard.manifest import Manifest
-from edgeguard.scoring import common_prefix, softmax
 from edgeguard.policy import Policy, decide, load_policy
+from edgeguard.scoring import common_prefix, softmax
 from edgeguard.template import ChatTemplate, Message, as_messages, tokenize_pieces
 from edgeguard.verdict import LABELS, Verdict
 
@@ -30,31 +33,33 @@ log = logging.getLogger("edgeguard")
 JAILBREAK = "Jailbreak"
 NONE = "None"
 GUESS_LABEL = "Safe"
-# The longest read-out continuation: " <label>\nCategories: <category>\nRefusal:".
-READOUT_MARGIN = 32
-
-
-
+MODES = ("prompt", "response")
 # A prompt check is ~300 template tokens + the text: start with room for that and grow on demand.
-INITIAL_CTX = 1024
-BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
+# Gen is prefill-bound: llama.cpp's repacked weights barely help it and cost ~200 MB.
+DEFAULTS = Defaults(kv_type="f16", repack=False, flash_attn=None, initial_ctx=1024)
 
 
 @dataclass(frozen=True)
-class GenOptions:
-    n_ctx: int | None = None  # the largest context to allow; default: the manifest's
-    n_threads: int | None = None
-    device: str = "auto"  # "auto": the GPU when this llama.cpp build can offload; "cpu"; "gpu"
-    n_gpu_layers: int | None = None  # on the GPU: how many layers (default all)
-    kv_type: str = "f16"  # "q8_0" halves the KV cache (but slows prefill on CPU)
-    # Gen is prefill-bound: llama.cpp's repacked weights barely help it and cost ~200 MB.
-    repack: bool = False
-    prefix_cache: Path | None = None  # folder for persisted prefix states; None: off
-    verbose: bool = False
+class GenOptions(EngineOptions):
+    prefix_cache: Path | None = None  # folder for persisted template-head states; None: off
+    max_batch: int = 8  # the most conversations one check_many step decodes together
+
+
+@dataclass
+class _Item:
+    """One conversation on its way through a batched check."""
+
+    mode: str
+    tokens: list[int]  # the rendering, up to (not including) "Safety:"
+    seq: int = -1
+    t0: float = 0.0
 
 
 class GenGuard:
-    """A loaded Gen model. ``check()`` returns a Verdict; use as a context manager."""
+    """A loaded Gen model: ``check()`` returns a Verdict, ``check_many()`` a lazy stream of them.
+
+    Thread-safe: concurrent calls are serialised (each waits for the one before it).
+    """
 
     engine = "gen"
 
@@ -62,20 +67,22 @@ class GenGuard:
                  options: GenOptions = GenOptions()):
         if manifest.kind != "gen":
             raise ModelError(f"{manifest.name} is a {manifest.kind} model, not a Gen model")
+        if options.max_batch < 1:
+            raise UsageError(f"max_batch must be positive, got {options.max_batch}")
         self.name = manifest.name
         self.manifest = manifest
         self.policy = load_policy(policy) if isinstance(policy, str) else policy
         gguf = manifest.file_for("model", quant)
         manifest.check_sizes(folder, [gguf])
         self._model_sha = manifest.files[gguf]["sha256"]
-        self._options = options
-        self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-        self._gguf = folder / gguf
-        # The KV cache is allocated up front (112 KiB a token at 0.6B): start small, grow on demand.
-        self._max_ctx = options.n_ctx or manifest.context_length
-        self._backend = self._new_backend(min(self._max_ctx, INITIAL_CTX))
+        self.options = options
+        # Sequences 0 and 1 hold the two template heads; the rest are work sequences.
+        self._engine = Engine(folder / gguf, mode="logits", options=options, defaults=DEFAULTS,
+                              max_ctx=manifest.context_length, n_seq=options.max_batch + len(MODES))
+        self.device = self._engine.device
         try:
-            source = self._backend.vocab.meta("tokenizer.chat_template")
+            vocab = self._engine.backend.vocab
+            source = vocab.meta("tokenizer.chat_template")
             if not source:
                 raise ModelError(f"{gguf} carries no chat template")
             self._template = ChatTemplate(source)
@@ -83,38 +90,40 @@ class GenGuard:
             self._label_ids = self._first_tokens(LABELS)
             self._refusal_ids = self._first_tokens(manifest.labels.get("refusal", ["Yes", "No"]))
             self._category_ids = self._first_tokens(self._categories + [NONE])
-            self._kv: list[int] = []  # the tokens whose states the backend's cache holds
-            self._prefixes = {mode: self._fixed_prefix(mode) for mode in ("prompt", "response")}
+            self._head_seq = {mode: self._engine.acquire() for mode in MODES}
+            self._heads = {mode: self._fixed_prefix(mode) for mode in MODES}
         except BaseException:
-            self._backend.close()
+            self._engine.close()
             raise
 
-    # -- setup -----------------------------------------------------------------------------
-    def _new_backend(self, n_ctx: int) -> Backend:
-        o = self._options
-        return Backend(self._gguf, n_ctx=n_ctx, mode="logits", n_batch=BATCH, n_threads=o.n_threads,
-                       n_gpu_layers=self.device.n_gpu_layers, kv_type=o.kv_type, repack=o.repack, verbose=o.verbose)
+    @property
+    def timings(self):
+        """Per-stage time spent by this guard (a public ``edgeguard.engine.Timings``)."""
+        return self._engine.timings
 
-    def _ensure_context(self, n_tokens: int) -> None:
-        needed = n_tokens + READOUT_MARGIN
-        if needed <= self._backend.n_ctx:
-            return
-        if needed > self._max_ctx:
-            raise InputTooLong(
-                f"the conversation needs {n_tokens} tokens with the template, more than the "
-                f"{self._max_ctx - READOUT_MARGIN} this model allows; shorten the text "
-                "(edgeguard never truncates silently)"
-            )
-        size = min(self._max_ctx, 1 << (needed - 1).bit_length())
-        log.info("growing the context to %d tokens", size)
-        old = self._backend
-        self._backend = self._new_backend(size)
-        if not self._backend.restore(old.state(), old.n_past):
-            self._kv = []
-        old.close()
+    @property
+    def kernel_plan(self):
+        """How llama.cpp placed the weights (``edgeguard.kernels.KernelPlan``)."""
+        return self._engine.backend.kernel_plan
 
+    @property
+    def context_size(self) -> int:
+        """Token positions the KV cache holds now (it grows on demand up to the model's limit)."""
+        return self._engine.backend.n_ctx
+
+    @property
+    def cached_tokens(self) -> int:
+        """KV cells in use now, over all sequences (a shared template head counts once)."""
+        return self._engine.backend.cached
+
+    @property
+    def vocab(self):
+        """The model's tokenizer (``edgeguard.backend.Vocab``)."""
+        return self._engine.backend.vocab
+
+    # -- tokens ------------------------------------------------------------------------------
     def _first_tokens(self, names: Sequence[str]) -> dict[str, int]:
-        ids = {name: self._backend.vocab.tokenize(" " + name)[0] for name in names}
+        ids = {name: self.vocab.tokenize(" " + name)[0] for name in names}
         if len(set(ids.values())) != len(ids):
             raise ModelError(f"the first tokens of {list(names)} are not distinct; cannot score them")
         return ids
@@ -124,8 +133,7 @@ class GenGuard:
         return self._tokens(as_messages(prompt, response))
 
     def _tokens(self, messages: Sequence[Message]) -> list[int]:
-        vocab = self._backend.vocab
-        return tokenize_pieces(self._template.pieces(messages), vocab.tokenize, vocab.token_id)
+        return tokenize_pieces(self._template.pieces(messages), self.vocab.tokenize, self.vocab.token_id)
 
     def _fixed_prefix(self, mode: str) -> list[int]:
         """Tokens every conversation of this mode starts with (two probes' common prefix)."""
@@ -136,127 +144,200 @@ class GenGuard:
         a, b = probe("a"), probe("b")
         return a[: common_prefix(a, b)]
 
+    def _continue(self, tokens: list[int], text: str) -> list[int]:
+        return tokens + self.vocab.tokenize(text)
+
+    # -- the shared template heads -------------------------------------------------------------
     def _prefix_file(self, tokens: list[int]) -> Path | None:
-        folder = self._options.prefix_cache
+        folder = self.options.prefix_cache
         if folder is None:
             return None
         key = hashlib.sha256(self._model_sha.encode() + np.asarray(tokens, np.int32).tobytes()).hexdigest()[:24]
         return Path(folder) / f"prefix-{key}.kv"
 
-    def _restore_prefix(self, tokens: list[int]) -> None:
-        """Fill the cache with ``tokens`` from disk, or compute them and save them."""
-        path = self._prefix_file(tokens)
-        if path is not None and self._backend.load_prefix(path) and self._backend.n_past == len(tokens):
-            self._kv = list(tokens)
+    def _ensure_head(self, mode: str) -> None:
+        """The head sequence of ``mode`` holds its template head: from disk, or computed (and saved)."""
+        seq, tokens = self._head_seq[mode], self._heads[mode]
+        engine = self._engine
+        if engine.held(seq) == tokens:
             return
-        self._backend.truncate(0)
-        self._kv = []
-        self._backend.eval(tokens, outputs=())
-        self._kv = list(tokens)
+        engine.truncate(seq, 0)
+        engine.ensure_room(len(tokens), "the template")
+        path = self._prefix_file(tokens)
+        if path is not None and engine.backend.load_prefix(path, seq) and engine.backend.n_past[seq] == len(tokens):
+            engine.held(seq).extend(tokens)
+            return
+        engine.truncate(seq, 0)
+        engine.decode({seq: (tokens, tokens)}, {seq: ()}, "the template")
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._backend.save_prefix(path)
+                engine.backend.save_prefix(path, seq)
             except OSError as e:
                 log.warning("could not persist the prefix cache at %s: %s", path, e)
 
-    # -- scoring ---------------------------------------------------------------------------
-    def _forward(self, tokens: list[int], at: Sequence[int] | None = None) -> np.ndarray:
-        """Next-token logits after ``tokens[: i + 1]`` for each i in ``at`` (default: the last),
-        reusing whatever cached prefix matches."""
-        at = [len(tokens) - 1] if at is None else list(at)
-        keep = min(common_prefix(self._kv, tokens), min(at))
-        if keep < self._backend.n_past:
-            self._backend.truncate(keep)
-        self._kv = self._kv[:keep]
-        logits = self._backend.eval(tokens[keep:], outputs=[i - keep for i in at])
-        self._kv = list(tokens)
-        return logits
-
+    # -- scoring ---------------------------------------------------------------------------------
     def _read(self, logits: np.ndarray, ids: dict[str, int]) -> dict[str, float]:
         probs = softmax(logits[list(ids.values())])
         return dict(zip(ids, probs.tolist()))
 
-    def _continue(self, tokens: list[int], text: str) -> list[int]:
-        return tokens + self._backend.vocab.tokenize(text)
+    def _start(self, items: list[_Item]) -> None:
+        """Give each item a work sequence that starts with its mode's shared head."""
+        engine = self._engine
+        for mode in {i.mode for i in items}:
+            self._ensure_head(mode)
+        # Room for every variable part and its longest read-out, so nothing grows mid-batch
+        # (growing copies each sequence separately, which would unshare the heads).
+        margin = 32
+        engine.ensure_room(sum(len(i.tokens) - self._shared(i) + margin for i in items), "the conversations")
+        for item in items:
+            item.seq = engine.acquire()
+            engine.share(self._head_seq[item.mode], item.seq, self._shared(item))
+
+    def _shared(self, item: _Item) -> int:
+        head = self._heads[item.mode]
+        return len(head) if item.tokens[: len(head)] == head else 0
+
+    def _extend(self, wanted: dict[int, list[int]]) -> dict[int, np.ndarray]:
+        """Decode each sequence up to its wanted tokens (from where they part) in one batch; the
+        logits after the last token of each."""
+        engine = self._engine
+        inputs = {}
+        for seq, tokens in wanted.items():
+            keep = min(common_prefix(engine.held(seq), tokens), len(tokens) - 1)
+            engine.truncate(seq, keep)
+            inputs[seq] = (tokens[keep:], tokens[keep:])
+        return {seq: out[0] for seq, out in engine.decode(inputs, {s: (-1,) for s in inputs}).items()}
+
+    def _judge(self, items: list[_Item]) -> list[Verdict]:
+        engine = self._engine
+        self._start(items)
+        t1 = time.perf_counter()
+        # One decode reads each label and, speculating on the most common verdict (Safe, no
+        # category), the category and refusal too; a wrong guess costs one short decode more.
+        inputs, outputs, labelled = {}, {}, {}
+        for item in items:
+            labelled[item.seq] = self._continue(item.tokens, "Safety:")
+            guess = self._continue(labelled[item.seq], f" {GUESS_LABEL}\nCategories:")
+            at = [len(labelled[item.seq]) - 1, len(guess) - 1]
+            if item.mode == "response":
+                guess = self._continue(guess, f" {NONE}\nRefusal:")
+                at.append(len(guess) - 1)
+            new = guess[len(engine.held(item.seq)):]
+            inputs[item.seq] = (new, new)
+            outputs[item.seq] = [a - len(engine.held(item.seq)) for a in at]
+        logits = engine.decode(inputs, outputs)
+        labels = {}
+        for item in items:
+            scores = self._read(logits[item.seq][0], self._label_ids)
+            labels[item.seq] = (max(scores, key=scores.get), scores)
+        t2 = time.perf_counter()
+        misses = {i.seq: self._continue(labelled[i.seq], f" {labels[i.seq][0]}\nCategories:")
+                  for i in items if labels[i.seq][0] != GUESS_LABEL}
+        category_logits = {i.seq: logits[i.seq][1] for i in items}
+        category_logits.update(self._extend(misses) if misses else {})
+        categories = {}
+        for item in items:
+            names = [c for c in self._categories if item.mode == "prompt" or c != JAILBREAK] + [NONE]
+            scores = self._read(category_logits[item.seq], {n: self._category_ids[n] for n in names})
+            categories[item.seq] = (max(scores, key=scores.get), scores)
+        refusals = {}
+        responses = [i for i in items if i.mode == "response"]
+        if responses:
+            guessed = {i.seq for i in responses if labels[i.seq][0] == GUESS_LABEL and categories[i.seq][0] == NONE}
+            reread = {i.seq: self._continue(self._continue(labelled[i.seq], f" {labels[i.seq][0]}\nCategories:"),
+                                            f" {categories[i.seq][0]}\nRefusal:")
+                      for i in responses if i.seq not in guessed}
+            refusal_logits = {s: logits[s][2] for s in guessed}
+            refusal_logits.update(self._extend(reread) if reread else {})
+            for item in responses:
+                scores = self._read(refusal_logits[item.seq], self._refusal_ids)
+                refusals[item.seq] = max(scores, key=scores.get)
+        t3 = time.perf_counter()
+        verdicts = []
+        for item in items:
+            label, scores = labels[item.seq]
+            category, category_scores = categories[item.seq]
+            verdicts.append(Verdict(
+                label=label,
+                scores=scores,
+                categories=() if category == NONE else (category,),
+                category_scores=category_scores,
+                refusal=refusals.get(item.seq),
+                flagged=decide(self.policy, label, category_scores),
+                policy=self.policy.name,
+                engine=self.engine,
+                model=self.name,
+                timings={"prefix_ms": (t1 - item.t0) * 1e3, "label_ms": (t2 - t1) * 1e3,
+                         "readout_ms": (t3 - t2) * 1e3, "batch": len(items)},
+            ))
+        return verdicts
+
+    def _item(self, prompt, response=None) -> _Item:
+        t0 = time.perf_counter()
+        messages = as_messages(prompt, response)
+        mode = "response" if messages[-1].role == "assistant" else "prompt"
+        return _Item(mode, self._tokens(messages), t0=t0)
+
+    def _run(self, raw: list) -> list[Verdict]:
+        """Verdicts for a list of ``check`` argument tuples, under the engine's lock (the
+        tokenizer belongs to the backend too)."""
+        with self._engine.lock:
+            if self._engine.backend is None:
+                raise UsageError("the guard is closed")
+            items = [self._item(*args) for args in raw]
+            try:
+                return self._judge(items)
+            finally:
+                for item in items:
+                    if item.seq >= 0:
+                        self._engine.release(item.seq)
 
     def check(self, prompt: str | Sequence, response: str | None = None) -> Verdict:
         """Verdict on a prompt, a prompt+response, or a list of {role, content} messages."""
-        messages = as_messages(prompt, response)
-        mode = "response" if messages[-1].role == "assistant" else "prompt"
-        t0 = time.perf_counter()
-        tokens = self._tokens(messages)
-        self._ensure_context(len(tokens))
-        prefix = self._prefixes[mode]
-        if tokens[: len(prefix)] == prefix and common_prefix(self._kv, prefix) < len(prefix):
-            self._restore_prefix(prefix)
-        t1 = time.perf_counter()
-        # One decode reads the label and, speculating on the most common verdict (Safe, no
-        # category), the category and refusal too; a wrong guess costs one short decode more.
-        labelled = self._continue(tokens, "Safety:")
-        guess = self._continue(labelled, f" {GUESS_LABEL}\nCategories:")
-        at = [len(labelled) - 1, len(guess) - 1]
-        if mode == "response":
-            guess = self._continue(guess, f" {NONE}\nRefusal:")
-            at.append(len(guess) - 1)
-        logits = self._forward(guess, at)
-        scores = self._read(logits[0], self._label_ids)
-        label = max(scores, key=scores.get)
-        t2 = time.perf_counter()
-        names = [c for c in self._categories if mode == "prompt" or c != JAILBREAK] + [NONE]
-        ids = {n: self._category_ids[n] for n in names}
-        tokens = self._continue(labelled, f" {label}\nCategories:")
-        category_logits = logits[1] if label == GUESS_LABEL else self._forward(tokens)[0]
-        category_scores = self._read(category_logits, ids)
-        category = max(category_scores, key=category_scores.get)
-        refusal = None
-        if mode == "response":
-            tokens = self._continue(tokens, f" {category}\nRefusal:")
-            guessed = label == GUESS_LABEL and category == NONE
-            refusal_scores = self._read(logits[2] if guessed else self._forward(tokens)[0], self._refusal_ids)
-            refusal = max(refusal_scores, key=refusal_scores.get)
-        t3 = time.perf_counter()
-        categories = () if category == NONE else (category,)
-        return Verdict(
-            label=label,
-            scores=scores,
-            categories=categories,
-            category_scores=category_scores,
-            refusal=refusal,
-            flagged=decide(self.policy, label, category_scores),
-            policy=self.policy.name,
-            engine=self.engine,
-            model=self.name,
-            timings={"prefix_ms": (t1 - t0) * 1e3, "label_ms": (t2 - t1) * 1e3, "readout_ms": (t3 - t2) * 1e3},
-        )
+        return self._run([(prompt, response)])[0]
 
-    def check_many(self, items: Iterable) -> Iterator[Verdict]:
-        """Lazy verdicts for prompts, (prompt, response) pairs or message lists."""
-        for item in items:
-            if isinstance(item, tuple):
-                yield self.check(*item)
-            else:
-                yield self.check(item)
+    def check_many(self, items: Iterable, batch_size: int | None = None) -> Iterator[Verdict]:
+        """Lazy verdicts for prompts, (prompt, response) pairs or message lists, in order.
+
+        Up to ``batch_size`` (default ``max_batch``) conversations are decoded together; the
+        verdicts equal ``check``'s within float rounding (scores within 1e-3).
+        """
+        size = self.options.max_batch if batch_size is None else batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.options.max_batch:
+            raise UsageError(f"batch_size must lie in [1, {self.options.max_batch}] (max_batch), got {size!r}")
+        iterator = iter(items)
+        while True:
+            chunk = list(itertools.islice(iterator, size))
+            if not chunk:
+                return
+            yield from self._run([x if isinstance(x, tuple) else (x,) for x in chunk])
 
     def generate(self, prompt: str | Sequence, response: str | None = None, max_new_tokens: int = 128) -> str:
         """The official way: greedy decoding of the verdict text (for comparison and debugging)."""
-        tokens = self._tokens(as_messages(prompt, response))
-        self._ensure_context(len(tokens) + max_new_tokens)
-        vocab = self._backend.vocab
-        stop = {vocab.token_id("<|im_end|>"), vocab.token_id("<|endoftext|>")}
         out: list[int] = []
-        logits = self._forward(tokens)[0]
-        for _ in range(max_new_tokens):
-            nxt = int(np.argmax(logits))
-            if nxt in stop:
-                break
-            out.append(nxt)
-            tokens = tokens + [nxt]
-            logits = self._forward(tokens)[0]
+        with self._engine.lock:
+            item = self._item(prompt, response)
+            vocab = self.vocab
+            stop = {vocab.token_id("<|im_end|>"), vocab.token_id("<|endoftext|>")}
+            try:
+                self._start([item])
+                tokens = list(item.tokens)
+                logits = self._extend({item.seq: tokens})[item.seq]
+                for _ in range(max_new_tokens):
+                    nxt = int(np.argmax(logits))
+                    if nxt in stop:
+                        break
+                    out.append(nxt)
+                    tokens.append(nxt)
+                    logits = self._extend({item.seq: tokens})[item.seq]
+            finally:
+                if item.seq >= 0:
+                    self._engine.release(item.seq)
         return vocab.detokenize(out).decode("utf-8", errors="replace")
 
     def close(self) -> None:
-        self._backend.close()
+        self._engine.close()
 
     def __enter__(self) -> "GenGuard":
         return self

@@ -59,16 +59,27 @@ def _pick_quant(manifest: Manifest, quant: str | None) -> str:
 
 
 def load(model: str | Path | None = None, quant: str | None = None, *, policy="strict", engine: str | None = None,
-         offline: bool | None = None, progress: Progress = lambda m: None, **options):
-    """A ``GenGuard`` or ``StreamGuard`` by the model's kind (or ``engine`` for the default)."""
+         offline: bool | None = None, progress: Progress = lambda m: None, options=None, **kwargs):
+    """A ``GenGuard`` or ``StreamGuard`` by the model's kind (or ``engine`` for the default).
+
+    Engine options come as a typed ``GenOptions`` / ``StreamOptions`` (``options=``) or as
+    keyword arguments (``n_threads=2, device="cpu"``, ...); one that does not apply to the
+    model's engine is a UsageError. Guards are thread-safe: concurrent calls are serialised.
+    """
     folder, manifest, quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=progress)
     if engine is not None and engine != manifest.kind:
         raise UsageError(f"{manifest.name} is a {manifest.kind} model; it cannot run the {engine} engine")
     if manifest.kind == "gen":
-        from edgeguard.gen import GenGuard, GenOptions
+        from edgeguard.gen import GenGuard as Guard, GenOptions as Options
 
-        options.setdefault("prefix_cache", store.prefix_dir())
-        return GenGuard(folder, manifest, quant, policy=policy, options=GenOptions(**options))
-    from edgeguard.stream import StreamGuard, StreamOptions
-
-    return StreamGuard(folder, manifest, quant, policy=policy, options=StreamOptions(**options))
+        kwargs.setdefault("prefix_cache", store.prefix_dir())
+    else:
+        from edgeguard.stream import StreamGuard as Guard, StreamOptions as Options
+    if options is not None and kwargs.keys() - {"prefix_cache"}:
+        raise UsageError("give engine options either as options= or as keyword arguments, not both")
+    if options is None:
+        options = Options.from_kwargs(manifest.kind, **kwargs)
+    elif not isinstance(options, Options):
+        raise UsageError(f"options for a {manifest.kind} model must be {Options.__name__}, "
+                         f"got {type(options).__name__}")
+    return Guard(folder, manifest, quant, policy=policy, options=options)

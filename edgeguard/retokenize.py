@@ -80,8 +80,8 @@ class Retokenizer:
 
     ``push(chunk)`` returns the newly committed ids, ``finish()`` the rest; concatenated, they
     equal ``tokenize(text)`` for the concatenation of all chunks, however the text was cut.
-    Bytes chunks may split a UTF-8 character; invalid UTF-8 decodes as U+FFFD, as with
-    ``bytes.decode(errors="replace")`` on the whole. After ``finish()`` a new text may start.
+    Bytes chunks may split a UTF-8 character; invalid UTF-8 is a UsageError (the CLI rejects it
+    the same way), after which the retokenizer is empty. After ``finish()`` a new text may start.
     """
 
     def __init__(self, tokenize: Callable[[str], list[int]], *, atomic: Iterable[str] = ()):
@@ -92,7 +92,7 @@ class Retokenizer:
             for k in range(1, len(text)):
                 if hard_pair(text[k - 1], text[k]):
                     self._atomic.setdefault((text[k - 1], text[k]), []).append((text, k))
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
         self._pending = ""
 
     @property
@@ -102,12 +102,16 @@ class Retokenizer:
 
     def push(self, chunk: str | bytes) -> list[int]:
         """Add the next chunk; returns the ids that became final with it (often none)."""
-        if isinstance(chunk, (bytes, bytearray, memoryview)):
-            text = self._decoder.decode(bytes(chunk))
-        elif isinstance(chunk, str):
-            text = self._decoder.decode(b"", final=True) + chunk
-        else:
-            raise UsageError(f"text chunks must be str or bytes, not {type(chunk).__name__}")
+        try:
+            if isinstance(chunk, (bytes, bytearray, memoryview)):
+                text = self._decoder.decode(bytes(chunk))
+            elif isinstance(chunk, str):
+                text = self._decoder.decode(b"", final=True) + chunk
+            else:
+                raise UsageError(f"text chunks must be str or bytes, not {type(chunk).__name__}")
+        except UnicodeDecodeError as e:
+            self.reset()
+            raise UsageError(f"the text is not valid UTF-8 ({e.reason})") from e
         if not text:
             return []
         start = max(1, len(self._pending))
@@ -120,8 +124,12 @@ class Retokenizer:
 
     def finish(self) -> list[int]:
         """Commit everything pending (the text has ended); the retokenizer is then empty."""
-        rest = self._pending + self._decoder.decode(b"", final=True)
-        self.reset()
+        try:
+            rest = self._pending + self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise UsageError("the text ends inside a UTF-8 character") from e
+        finally:
+            self.reset()
         return list(self._tokenize(rest)) if rest else []
 
     def reset(self) -> None:

@@ -2,60 +2,56 @@
 
 The backbone GGUF (a dummy 8-token vocabulary) runs in llama.cpp on rows of the real embedding
 table, which stays memory-mapped beside it; the two classification heads run in onnxruntime.
-A session evaluates the rendered prompt once, then each ``feed`` appends the new response
-tokens to the KV cache in ONE decode, whatever their number, and scores all of them at once.
-
-A guard holds one KV cache, so it runs one session at a time: opening a session, or calling
-``check``, ends the previous session (using it afterwards raises ``RuntimeFailure``).
+One guard hosts many live sessions, each in its own llama.cpp sequence: ``feed`` appends a
+session's new tokens in ONE decode whatever their number, and ``guard.feed_many`` decodes the
+new tokens of several sessions together, one decode for all of them.
 """
 
 from __future__ import annotations
 
 import codecs
+import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeguard.backend import Backend, Vocab, choose_device
+from edgeguard.backend import Vocab
 from edgeguard.debounce import Debouncer
-from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
+from edgeguard.engine import Defaults, Engine, EngineOptions
+from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from edgeguard.heads import Heads
 from edgeguard.manifest import Manifest
-from edgeguard.scoring import common_prefix, softmax
 from edgeguard.policy import Policy, decide, load_policy
 from edgeguard.retokenize import Retokenizer, hard_pair
+from edgeguard.scoring import softmax
 from edgeguard.template import ChatTemplate, Message, as_messages, tokenize_pieces
 from edgeguard.verdict import LABELS, StreamState, TokenVerdict, Verdict
 
 IM_END = "<|im_end|>"
 # Where the response starts: the rendering of a probe assistant message is cut at its content.
 _PROBE = "\ue000edgeguard-response\ue001"
-# The KV cache is allocated up front (~112 KiB per token for the real model at f16), so the
-# context starts at INITIAL_CTX and doubles, copying the cached cells over, up to the manifest's
-# context length when a conversation needs it.
-INITIAL_CTX = 512
-BATCH = 256  # tokens per llama.cpp decode: bounds the compute buffer
-
+# Per-token speed is what Stream is for: repacked weights and an f16 KV cache make a decode
+# step fastest (a q8_0 cache saves memory but costs ~15% a step); flash attention follows the
+# device (``Engine._flash_attn``). The KV cache is allocated up front (~112 KiB per token for
+# the real model at f16): it starts at 512 positions and grows on demand up to the manifest's
+# context length.
+DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512)
 
 
 @dataclass(frozen=True)
-class StreamOptions:
-    n_ctx: int | None = None  # the largest context to allow; default: the manifest's
-    n_threads: int | None = None
-    device: str = "auto"  # "auto": the GPU when this llama.cpp build can offload; "cpu"; "gpu"
-    n_gpu_layers: int | None = None  # on the GPU: how many layers (default all)
-    # Per-token speed is what Stream is for: repacked weights and flash attention over an f16
-    # KV cache make a decode step fastest (a q8_0 cache saves memory but costs ~15% a step).
-    kv_type: str = "f16"
-    repack: bool = True
-    verbose: bool = False
+class StreamOptions(EngineOptions):
+    max_sessions: int = 16  # live sessions one guard hosts (each is a llama.cpp sequence)
 
 
 class StreamGuard:
-    """A loaded Stream model: ``check(prompt)`` and ``session(prompt)``; a context manager."""
+    """A loaded Stream model: ``check``, ``check_many``, ``session`` and ``feed_many``.
+
+    Thread-safe: concurrent calls are serialised. Sessions are independent: one session's
+    feed, rollback, finish or error never changes another's verdicts.
+    """
 
     engine = "stream"
 
@@ -63,9 +59,12 @@ class StreamGuard:
                  options: StreamOptions = StreamOptions()):
         if manifest.kind != "stream":
             raise ModelError(f"{manifest.name} is a {manifest.kind} model, not a Stream model")
+        if options.max_sessions < 1:
+            raise UsageError(f"max_sessions must be positive, got {options.max_sessions}")
         folder = Path(folder)
         self.name = manifest.name
         self.manifest = manifest
+        self.options = options
         labels = manifest.labels
         try:
             self._risk = {k: list(labels[f"{k}_risk_level"]) for k in ("query", "response")}
@@ -81,13 +80,14 @@ class StreamGuard:
                  for role in ("model", "vocab", "embeddings", "heads")}
         manifest.check_sizes(folder, list(files.values()))
         self._closers: list = []
+        self._engine: Engine | None = None
         try:
-            self._vocab = self._own(Vocab(folder / files["vocab"], verbose=options.verbose))
-            source = self._vocab.meta("tokenizer.chat_template")
+            self.vocab = self._own(Vocab(folder / files["vocab"], verbose=options.verbose))
+            source = self.vocab.meta("tokenizer.chat_template")
             if not source:
                 raise ModelError(f"{files['vocab']} carries no chat template")
             self._template = ChatTemplate(source)
-            self._im_end = self._vocab.token_id(IM_END)
+            self._im_end = self.vocab.token_id(IM_END)
             try:
                 self._table = np.load(folder / files["embeddings"], mmap_mode="r")
             except (OSError, ValueError) as e:
@@ -95,52 +95,55 @@ class StreamGuard:
             if self._table.ndim != 2 or self._table.shape[1] != manifest.hidden_size:
                 raise ModelError(f"{files['embeddings']} has shape {list(self._table.shape)}, expected "
                                  f"[vocab, {manifest.hidden_size}]")
-            self._options = options
-            self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-            self._model_path = folder / files["model"]
-            self._max_ctx = options.n_ctx or manifest.context_length
-            self._backend = self._own(self._new_backend(min(self._max_ctx, INITIAL_CTX)))
-            if self._backend.n_embd != manifest.hidden_size:
-                raise ModelError(f"{files['model']} has hidden size {self._backend.n_embd}, "
+            self._engine = self._own(Engine(folder / files["model"], mode="embeddings", options=options,
+                                            defaults=DEFAULTS, max_ctx=manifest.context_length,
+                                            n_seq=options.max_sessions))
+            if self._engine.backend.n_embd != manifest.hidden_size:
+                raise ModelError(f"{files['model']} has hidden size {self._engine.backend.n_embd}, "
                                  f"the manifest says {manifest.hidden_size}")
+            self.device = self._engine.device
             self._heads = self._own(Heads(folder / files["heads"]))
         except BaseException:
             self.close()
             raise
-        self._kv: list[int] = []  # the tokens whose states the backend's cache holds
-        self._epoch = 0  # bumped whenever the cache is taken over; sessions compare it
         self._atomic: list[str] | None = None
-
-    def _new_backend(self, n_ctx: int) -> Backend:
-        o = self._options
-        return Backend(self._model_path, n_ctx=n_ctx, mode="embeddings", n_batch=BATCH,
-                       n_threads=o.n_threads, n_gpu_layers=self.device.n_gpu_layers, kv_type=o.kv_type,
-                       repack=o.repack, flash_attn=True, verbose=o.verbose)
-
-    def _ensure_context(self, n_tokens: int, what: str) -> None:
-        """Make room for ``n_tokens`` cached tokens, growing the context if the model allows."""
-        if n_tokens <= self._backend.n_ctx:
-            return
-        if n_tokens > self._max_ctx:
-            raise InputTooLong(
-                f"{what} needs {n_tokens} tokens with the template, more than the {self._max_ctx} this "
-                "model allows; shorten it, roll back or start a new session (edgeguard never truncates "
-                "silently)")
-        size = min(self._max_ctx, 1 << (n_tokens - 1).bit_length())
-        old, cached = self._backend, list(self._kv)
-        new = self._new_backend(size)
-        if not new.restore(old.state(), old.n_past) and cached:  # copying the cells is the fast way
-            new.eval(embd=self._rows(cached), outputs=())
-        self._closers[self._closers.index(old)] = new
-        old.close()
-        self._backend = new
+        self._sessions: set[StreamSession] = set()
 
     def _own(self, resource):
         self._closers.append(resource)
         return resource
 
+    @property
+    def timings(self):
+        """Per-stage time spent by this guard (a public ``edgeguard.engine.Timings``)."""
+        return self._engine.timings
+
+    @property
+    def kernel_plan(self):
+        """How llama.cpp placed the weights (``edgeguard.kernels.KernelPlan``)."""
+        return self._engine.backend.kernel_plan
+
+    @property
+    def context_size(self) -> int:
+        """Token positions the KV cache holds now (it grows on demand up to the model's limit)."""
+        return self._engine.backend.n_ctx
+
+    @property
+    def cached_tokens(self) -> int:
+        """KV cells in use now, over all sequences (a shared template head counts once)."""
+        return self._engine.backend.cached
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._sessions)
+
+    def _live_engine(self) -> Engine:
+        if self._engine is None or self._engine.backend is None:
+            raise RuntimeFailure("the guard is closed")
+        return self._engine
+
     # -- tokens ------------------------------------------------------------------------------
-    def _prompt_tokens(self, prompt: str | Sequence) -> tuple[list[int], int]:
+    def prompt_tokens(self, prompt: str | Sequence) -> tuple[list[int], int]:
         """Tokens up to the start of the response, and the index of the last user turn's end."""
         messages = as_messages(prompt)
         if messages[-1].role != "user":
@@ -152,39 +155,34 @@ class StreamGuard:
             raise ModelError("the chat template drops the response text; cannot find where it starts")
         head = pieces[where][1]
         pieces = pieces[:where] + [(False, head[: head.rindex(_PROBE)])]
-        tokens = tokenize_pieces(pieces, self._vocab.tokenize, self._vocab.token_id)
+        tokens = tokenize_pieces(pieces, self.vocab.tokenize, self.vocab.token_id)
         ends = [i for i, t in enumerate(tokens) if t == self._im_end]
         if not ends:
             raise ModelError(f"the chat template does not close the user turn with {IM_END}")
         return tokens, ends[-1]
 
+    def response_tokens(self, text: str) -> list[int]:
+        """The Qwen3 token ids of a response text (special-token parsing off)."""
+        return self.vocab.tokenize(text)
+
     def _rows(self, ids: Sequence[int]) -> np.ndarray:
-        index = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if index.size and (index.min() < 0 or index.max() >= self._table.shape[0]):
-            bad = next(int(i) for i in index if not 0 <= i < self._table.shape[0])
-            raise UsageError(f"token id {bad} is not a token of this model (ids lie in "
-                             f"[0, {self._table.shape[0]}))")
-        return np.asarray(self._table[index], dtype=np.float32)
+        return np.asarray(self._table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
-    def _evaluate(self, tokens: list[int], at: int) -> np.ndarray:
-        """Append ``tokens`` to the cache (reusing the cached common prefix) and return the
-        hidden state [1, hidden] of ``tokens[at]``."""
-        self._ensure_context(len(tokens), "the conversation")
-        keep = min(common_prefix(self._kv, tokens), at)
-        if keep < self._backend.n_past:
-            self._backend.truncate(keep)
-        self._kv = self._kv[:keep]
-        hidden = self._backend.eval(embd=self._rows(tokens[keep:]), outputs=(at - keep,))
-        self._kv = list(tokens)
-        return hidden
-
-    def _take_cache(self) -> int:
-        self._epoch += 1
-        return self._epoch
+    def _ids(self, token_ids: Iterable[int]) -> list[int]:
+        """Validated Qwen3 token ids (a clear UsageError for anything else)."""
+        n = self._table.shape[0]
+        ids = []
+        for value in token_ids:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise UsageError(f"token ids must be integers, got {value!r}")
+            if not 0 <= int(value) < n:
+                raise UsageError(f"token id {value} is not a token of this model (ids lie in [0, {n}))")
+            ids.append(int(value))
+        return ids
 
     def _atomic_texts(self) -> list[str]:
         if self._atomic is None:
-            self._atomic = atomic_texts(self._vocab)
+            self._atomic = atomic_texts(self.vocab)
         return self._atomic
 
     # -- verdicts ----------------------------------------------------------------------------
@@ -193,8 +191,8 @@ class StreamGuard:
         category_scores = dict(zip(self._categories[kind], softmax(category).tolist()))
         return scores, category_scores
 
-    def _prompt_verdict(self, out: dict[str, np.ndarray], timings: dict[str, float]) -> Verdict:
-        scores, category_scores = self._scores("query", out["query_risk"][0], out["query_category"][0])
+    def _prompt_verdict(self, out: dict[str, np.ndarray], row: int, timings: dict[str, float]) -> Verdict:
+        scores, category_scores = self._scores("query", out["query_risk"][row], out["query_category"][row])
         label = max(scores, key=scores.get)
         category = max(category_scores, key=category_scores.get)
         return Verdict(
@@ -210,27 +208,115 @@ class StreamGuard:
             timings=timings,
         )
 
-    def check(self, prompt: str | Sequence) -> Verdict:
-        """Prompt verdict: the query heads at the ``<|im_end|>`` closing the last user turn.
-
-        Ends any open session (the guard's cache is shared).
-        """
+    def _open(self, prompts: Sequence, sessions: Sequence[StreamSession]) -> list[Verdict]:
+        """Prefill each prompt into its session's sequence, all in one decode; prompt verdicts."""
+        engine = self._live_engine()
         t0 = time.perf_counter()
-        tokens, end = self._prompt_tokens(prompt)
-        self._take_cache()
-        hidden = self._evaluate(tokens[: end + 1], end)
+        rendered = [self.prompt_tokens(p) for p in prompts]
+        inputs = {}
+        for s, (tokens, _) in zip(sessions, rendered):
+            s._seq = engine.acquire("session")
+            self._sessions.add(s)
+            s._n_prompt = len(tokens)
+            inputs[s._seq] = (tokens, self._rows(tokens))
+        hidden = engine.decode(inputs, {s._seq: (end,) for s, (_, end) in zip(sessions, rendered)}, "the prompt")
         t1 = time.perf_counter()
-        out = self._heads.run(hidden)
+        out = self._heads.run(np.concatenate([hidden[s._seq] for s in sessions]))
         t2 = time.perf_counter()
-        return self._prompt_verdict(out, {"prefill_ms": (t1 - t0) * 1e3, "heads_ms": (t2 - t1) * 1e3})
+        timings = {"prefill_ms": (t1 - t0) * 1e3, "heads_ms": (t2 - t1) * 1e3}
+        return [self._prompt_verdict(out, i, timings) for i in range(len(sessions))]
 
     def session(self, prompt: str | Sequence) -> StreamSession:
         """A streaming session on a response to ``prompt`` (text or a list of messages ending with
-        a user turn). Ends any session opened before on this guard."""
-        return StreamSession(self, prompt)
+        a user turn). Close it (or use it as a context manager) to free its cache."""
+        session = StreamSession(self)
+        with self._engine.lock:
+            try:
+                session.prompt_verdict = self._open([prompt], [session])[0]
+            except BaseException:
+                session.close()
+                raise
+        return session
+
+    def feed_many(self, feeds: Mapping[StreamSession, Iterable[int]]) -> dict[StreamSession, list[TokenVerdict]]:
+        """Score new tokens of several sessions in one decode: ``{session: [TokenVerdict, ...]}``.
+
+        Each session's verdicts equal what it gets fed alone (within float rounding). Bad input
+        for any session raises before anything is decoded, so no session changes.
+        """
+        with self._live_engine().lock:
+            engine = self._live_engine()
+            ids = {}
+            for session, tokens in feeds.items():
+                if not isinstance(session, StreamSession) or session._guard is not self:
+                    raise UsageError("feed_many takes sessions of this guard")
+                session._live()
+                ids[session] = self._ids(tokens)
+            ids = {s: t for s, t in ids.items() if t}
+            if not ids:
+                return {s: [] for s in feeds}
+            what = "the response" if len(ids) == 1 else f"the responses of {len(ids)} sessions"
+            hidden = engine.decode({s._seq: (t, self._rows(t)) for s, t in ids.items()},
+                                   {s._seq: range(len(t)) for s, t in ids.items()}, what)
+            t0 = time.perf_counter()
+            out = self._heads.run(np.concatenate([hidden[s._seq] for s in ids]))
+            engine.timings.heads_ms += (time.perf_counter() - t0) * 1e3
+            result = {s: [] for s in feeds}
+            offset = 0
+            for session, tokens in ids.items():
+                rows = slice(offset, offset + len(tokens))
+                offset += len(tokens)
+                result[session] = session._record(tokens, out["response_risk"][rows],
+                                                  out["response_category"][rows])
+            return result
+
+    def check(self, prompt: str | Sequence, response: str | Sequence[int] | None = None) -> Verdict:
+        """Prompt verdict (the query heads at the ``<|im_end|>`` closing the last user turn), or
+        with ``response`` (text or token ids) the response judged token by token: the final
+        debounced verdict, with ``flagged_at``."""
+        return next(self.check_many([(prompt, response)], batch_size=1))
+
+    def check_many(self, items: Iterable, batch_size: int | None = None):
+        """Lazy verdicts for prompts or (prompt, response) pairs, in order; up to ``batch_size``
+        (default ``max_sessions``) conversations are decoded together."""
+        size = self.options.max_sessions if batch_size is None else batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.options.max_sessions:
+            raise UsageError(f"batch_size must lie in [1, {self.options.max_sessions}] (max_sessions), "
+                             f"got {size!r}")
+        iterator = iter(items)
+        while True:
+            chunk = [x if isinstance(x, tuple) else (x, None) for x in itertools.islice(iterator, size)]
+            if not chunk:
+                return
+            yield from self._check_chunk(chunk)
+
+    def _check_chunk(self, chunk: list[tuple]) -> list[Verdict]:
+        with self._live_engine().lock:
+            sessions = [StreamSession(self) for _ in chunk]
+            try:
+                prompt_verdicts = self._open([p for p, _ in chunk], sessions)
+                feeds = {}
+                for s, (_, response) in zip(sessions, chunk):
+                    if response is not None:
+                        feeds[s] = self.response_tokens(response) if isinstance(response, str) else response
+                if feeds:
+                    self.feed_many(feeds)
+                return [v if response is None else s._response_verdict(v)
+                        for s, v, (_, response) in zip(sessions, prompt_verdicts, chunk)]
+            finally:
+                for s in sessions:
+                    s.close()
+
+    def _release(self, session: StreamSession) -> None:
+        with self._engine.lock:
+            self._sessions.discard(session)
+            if session._seq is not None and self._engine.backend is not None:
+                self._engine.release(session._seq)
 
     def close(self) -> None:
-        self._epoch += 1
+        for session in list(getattr(self, "_sessions", ())):
+            session._guard = None
+        self._sessions = set()
         for resource in reversed(getattr(self, "_closers", [])):
             resource.close()
         self._closers = []
@@ -247,23 +333,18 @@ class StreamSession:
     """Scores a response token by token; see ``StreamGuard.session``.
 
     ``feed(ids)`` scores Qwen3 token ids (all new ones in one forward); ``feed_text(chunk)``
-    re-tokenizes text from any source and scores the tokens that became final; ``finish()``
-    scores the rest of that text. ``state`` is the debounced verdict (``edgeguard.debounce``),
-    ``flagged`` whether it counts under the guard's policy, ``prompt_verdict`` the prompt's.
+    re-tokenizes text from any source and scores the tokens that became final (invalid UTF-8 is
+    a UsageError, as in the CLI); ``finish()`` scores the rest of that text. ``state`` is the
+    debounced verdict (``edgeguard.debounce``), ``flagged`` whether it counts under the guard's
+    policy, ``prompt_verdict`` the prompt's.
     """
 
-    def __init__(self, guard: StreamGuard, prompt: str | Sequence):
-        self._guard = guard
+    def __init__(self, guard: StreamGuard):
+        self._guard: StreamGuard | None = guard
         self._policy = guard.policy
-        t0 = time.perf_counter()
-        tokens, end = guard._prompt_tokens(prompt)
-        guard._ensure_context(len(tokens) + 1, "the prompt (with room for a response)")
-        self._epoch = guard._take_cache()
-        hidden = guard._evaluate(tokens, end)
-        out = guard._heads.run(hidden)
-        t1 = time.perf_counter()
-        self.prompt_verdict = guard._prompt_verdict(out, {"prefill_ms": (t1 - t0) * 1e3})
-        self._n_prompt = len(tokens)
+        self._seq: int | None = None
+        self._n_prompt = 0
+        self.prompt_verdict: Verdict | None = None
         self._tokens: list[int] = []
         self._verdicts: list[TokenVerdict] = []
         self._debouncer = Debouncer()
@@ -272,11 +353,8 @@ class StreamSession:
         self._retokenizer: Retokenizer | None = None
 
     def _live(self) -> StreamGuard:
-        if self._guard is None:
+        if self._guard is None or self._seq is None:
             raise RuntimeFailure("the stream session is closed")
-        if self._guard._epoch != self._epoch:
-            raise RuntimeFailure("this stream session has ended: a newer session or check on the same "
-                                 "guard took over its cache (a guard runs one session at a time)")
         return self._guard
 
     @property
@@ -300,35 +378,18 @@ class StreamSession:
             return False
         return decide(self._policy, state.label, (state.category,) if state.category else ())
 
-    def feed(self, token_ids: Iterable[int]) -> list[TokenVerdict]:
-        """Score the next response tokens (Qwen3 ids), all of them in one forward pass."""
-        guard = self._live()
-        ids = [_token_id(t) for t in token_ids]
-        if not ids:
-            return []
-        rows = guard._rows(ids)
-        guard._ensure_context(guard._backend.n_past + len(ids),
-                              f"the response ({len(self._tokens)} tokens, {len(ids)} more)")
-        backend = guard._backend
-        before = backend.n_past
-        try:
-            hidden = backend.eval(embd=rows, outputs=range(len(ids)))
-        except BaseException:
-            if backend.n_past > before:  # a backlog over n_batch may have been partly decoded
-                backend.truncate(before)
-            raise
-        guard._kv.extend(ids)
-        out = guard._heads.run(hidden)
-        risk = softmax(out["response_risk"])
-        category = out["response_category"].argmax(axis=-1)
+    def _record(self, tokens: list[int], risk_logits: np.ndarray, category_logits: np.ndarray) -> list[TokenVerdict]:
+        guard = self._guard
+        risk = softmax(risk_logits)
+        category = category_logits.argmax(axis=-1)
         labels = guard._risk["response"]
         names = guard._categories["response"]
         new = []
-        for row, (token, p, c) in enumerate(zip(ids, risk, category)):
+        for token, p, c in zip(tokens, risk, category):
             scores = dict(zip(labels, p.tolist()))
             label = labels[int(p.argmax())]
             self._decoder_states.append(self._decoder.getstate())
-            text = self._decoder.decode(guard._vocab.piece(token))
+            text = self._decoder.decode(guard.vocab.piece(token))
             verdict = TokenVerdict(index=len(self._tokens), token=token, text=text, scores=scores,
                                    label=label, category=None if label == "Safe" else names[int(c)])
             self._tokens.append(token)
@@ -337,13 +398,38 @@ class StreamSession:
             new.append(verdict)
         return new
 
+    def _response_verdict(self, prompt_verdict: Verdict) -> Verdict:
+        """The debounced verdict on the whole response, as a Verdict with ``flagged_at``; its
+        scores are those of the triggering token (else of the last token)."""
+        state = self.state
+        at = state.flagged_at if state.flagged_at is not None else len(self._verdicts) - 1
+        scores = self._verdicts[at].scores if self._verdicts else prompt_verdict.scores
+        return Verdict(
+            label=state.label,
+            scores=scores,
+            categories=(state.category,) if state.category else (),
+            category_scores={},
+            refusal=None,
+            flagged=self.flagged,
+            policy=self._policy.name,
+            engine="stream",
+            model=prompt_verdict.model,
+            timings=prompt_verdict.timings,
+            flagged_at=state.flagged_at,
+            response_tokens=len(self._tokens),
+        )
+
+    def feed(self, token_ids: Iterable[int]) -> list[TokenVerdict]:
+        """Score the next response tokens (Qwen3 ids), all of them in one forward pass."""
+        return self._live().feed_many({self: token_ids})[self]
+
     def feed_text(self, chunk: str | bytes) -> list[TokenVerdict]:
         """Score text: its Qwen3 tokens are fed once no later text can change them, so the
         verdicts equal ``feed(tokenize(whole text))`` however the text is chunked; ``finish()``
         scores what is still pending at the end."""
         guard = self._live()
         if self._retokenizer is None:
-            self._retokenizer = Retokenizer(guard._vocab.tokenize, atomic=guard._atomic_texts())
+            self._retokenizer = Retokenizer(guard.vocab.tokenize, atomic=guard._atomic_texts())
         return self.feed(self._retokenizer.push(chunk))
 
     def finish(self) -> list[TokenVerdict]:
@@ -362,8 +448,8 @@ class StreamSession:
         if n == 0:
             return self.state
         keep = len(self._tokens) - n
-        guard._backend.truncate(self._n_prompt + keep)
-        del guard._kv[self._n_prompt + keep:]
+        with guard._engine.lock:
+            guard._engine.truncate(self._seq, self._n_prompt + keep)
         del self._tokens[keep:]
         del self._verdicts[keep:]
         self._decoder.setstate(self._decoder_states[keep])
@@ -373,21 +459,17 @@ class StreamSession:
         return self._debouncer.rollback(n)
 
     def close(self) -> None:
+        """Free this session's cache (its verdicts stay readable)."""
+        if self._guard is not None:
+            self._guard._release(self)
         self._guard = None
+        self._seq = None
 
     def __enter__(self) -> StreamSession:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _token_id(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UsageError(f"token ids must be integers, got {value!r}")
-    return int(value)
-
-
 
 
 def atomic_texts(vocab: Vocab) -> list[str]:

@@ -44,8 +44,10 @@ class Verdict(_Frozen):
 
     ``scores`` has exactly the keys Safe, Unsafe, Controversial. ``category_scores`` holds
     whatever the engine read out (Gen includes "None"). ``refusal`` is "Yes"/"No" in Gen
-    response mode, else None. ``flagged`` is the policy's decision. ``timings`` are
-    milliseconds per stage and are not part of the ``--json`` contract.
+    response mode, else None. ``flagged`` is the policy's decision. A Stream verdict on a
+    response (judged token by token) has ``response_tokens`` (how many) and ``flagged_at`` (the
+    index of the token that triggered the debounce, or None); both then join ``to_dict()``.
+    ``timings`` are milliseconds per stage and are not part of the ``--json`` contract.
     """
 
     label: str
@@ -57,6 +59,8 @@ class Verdict(_Frozen):
     policy: str
     engine: str
     model: str
+    flagged_at: int | None = None
+    response_tokens: int | None = None
     timings: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,9 @@ class Verdict(_Frozen):
             "engine": self.engine,
             "model": self.model,
         }
+        if self.response_tokens is not None:
+            out["flagged_at"] = self.flagged_at
+            out["response_tokens"] = self.response_tokens
         if timings:
             out["timings"] = dict(self.timings)
         return out

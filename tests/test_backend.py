@@ -84,9 +84,9 @@ def test_truncate_then_eval_equals_fresh_eval(models, tokens):
     with Backend(models["full"], n_ctx=256, mode="embeddings", n_threads=2) as be:
         be.eval(prefix + old)
         be.truncate(len(prefix))
-        assert be.n_past == len(prefix)
+        assert be.n_past[0] == len(prefix)
         resumed = be.eval(new, outputs=range(len(new)))
-        assert be.n_past == len(prefix) + len(new)
+        assert be.n_past[0] == len(prefix) + len(new)
     np.testing.assert_allclose(resumed, fresh, rtol=0, atol=1e-4)
 
 
@@ -99,7 +99,7 @@ def test_saved_prefix_in_a_new_backend_equals_recomputation(models, tokens, tmp_
         recomputed = be.eval(suffix, outputs=(0, -1))
     with Backend(models["full"], n_ctx=256, n_threads=2) as be:
         assert be.load_prefix(state)
-        assert be.n_past == len(prefix)
+        assert be.n_past[0] == len(prefix)
         restored = be.eval(suffix, outputs=(0, -1))
     np.testing.assert_allclose(restored, recomputed, rtol=0, atol=1e-4)
     assert not list(tmp_path.glob("*.tmp"))
@@ -117,7 +117,7 @@ def test_load_prefix_refuses_missing_garbage_and_foreign_files(models, tokens, t
         assert not be.load_prefix(tmp_path / "missing.kv")
         assert not be.load_prefix(garbage)
         assert not be.load_prefix(foreign)
-        assert be.n_past == 3
+        assert be.n_past[0] == 3
 
 
 def test_context_overflow_raises_and_keeps_the_cache(models, tokens):
@@ -125,9 +125,9 @@ def test_context_overflow_raises_and_keeps_the_cache(models, tokens):
         be.eval(tokens[:10])
         with pytest.raises(RuntimeFailure, match=r"10 cached \+ 7 new tokens > n_ctx 16"):
             be.eval(tokens[10:17])
-        assert be.n_past == 10
+        assert be.n_past[0] == 10
         be.eval(tokens[10:16])
-        assert be.n_past == 16
+        assert be.n_past[0] == 16
 
 
 def test_eval_without_outputs_only_fills_the_cache(models, tokens):

@@ -13,6 +13,7 @@ from edgeguard.kernels import (
     TensorInfo,
     amx_allowed,
     choose_device,
+    choose_flash_attn,
     plan_kernels,
     repackable,
 )
@@ -116,3 +117,11 @@ def test_choose_device():
     assert CUDA_INSTALL in str(err.value) and err.value.exit_code == 3
     with pytest.raises(UsageError):
         choose_device("tpu", gpu_offload=True)
+
+
+def test_flash_attention_choice():
+    assert choose_flash_attn(None, None, "cpu", "f16") is False
+    assert choose_flash_attn(None, None, "gpu", "f16") is True
+    assert choose_flash_attn(None, None, "cpu", "q8_0") is True  # llama.cpp needs it for a quantized V cache
+    assert choose_flash_attn(True, None, "cpu", "f16") is True
+    assert choose_flash_attn(None, False, "gpu", "f16") is False

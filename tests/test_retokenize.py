@@ -127,10 +127,19 @@ def test_bytes_split_inside_characters(vocab, atomic):
     assert got == vocab.tokenize(text)
 
 
-def test_invalid_utf8_decodes_as_replacement(vocab, atomic):
-    data = b"ab\xff cd \xe6\x97"
-    got, _ = retokenize(vocab, atomic, [data[:3], data[3:]])
-    assert got == vocab.tokenize(data.decode("utf-8", errors="replace"))
+@pytest.mark.parametrize("chunks", [[b"ab\xff cd"], [b"ab", b"\xe6\x97", b"x"], [b"ok \xe6\x97"]])
+def test_invalid_utf8_is_a_usage_error_like_the_cli(vocab, atomic, chunks):
+    """The CLI rejects invalid UTF-8; feeding it in chunks must not silently replace it."""
+    from edgeguard.errors import UsageError
+    from edgeguard.retokenize import Retokenizer
+
+    retok = Retokenizer(vocab.tokenize, atomic=atomic)
+    with pytest.raises(UsageError, match="UTF-8"):
+        for chunk in chunks:
+            retok.push(chunk)
+        retok.finish()
+    assert retok.pending == ""
+    assert retok.push("fresh") + retok.finish() == vocab.tokenize("fresh")  # usable afterwards
 
 
 def test_special_look_alikes_stay_text(vocab, atomic):

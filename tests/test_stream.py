@@ -7,6 +7,7 @@ response is fed at once, token by token, in random chunks, after a rollback or a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -72,8 +73,8 @@ def oracle_probs(torch_model, guard, logits: np.ndarray, kind: str) -> np.ndarra
 
 
 def test_check_matches_torch(guard, torch_model):
-    tokens, end = guard._prompt_tokens(PROMPT)
-    assert tokens[end] == guard._vocab.token_id("<|im_end|>")
+    tokens, end = guard.prompt_tokens(PROMPT)
+    assert tokens[end] == guard.vocab.token_id("<|im_end|>")
     expected = oracle.stream_logits(torch_model, tokens[: end + 1])
     verdict = guard.check(PROMPT)
     want = oracle_probs(torch_model, guard, expected["query_risk"][end], "query")
@@ -91,8 +92,8 @@ def test_check_matches_torch(guard, torch_model):
 
 
 def test_response_tokens_match_torch(guard, torch_model):
-    tokens, end = guard._prompt_tokens(PROMPT)
-    response = guard._vocab.tokenize(RESPONSE)
+    tokens, end = guard.prompt_tokens(PROMPT)
+    response = guard.vocab.tokenize(RESPONSE)
     expected = oracle.stream_logits(torch_model, tokens + response)
     with guard.session(PROMPT) as session:
         verdicts = session.feed(response)
@@ -121,7 +122,7 @@ def test_prompt_verdict_equals_check(guard):
 
 
 def test_feeding_granularity_agrees(guard):
-    response = guard._vocab.tokenize(RESPONSE)
+    response = guard.vocab.tokenize(RESPONSE)
     with guard.session(PROMPT) as s:
         once = scores_of(s.feed(response))
         state_once = s.state
@@ -143,8 +144,8 @@ def test_feeding_granularity_agrees(guard):
 
 
 def test_rollback_equals_fresh(guard):
-    response = guard._vocab.tokenize(RESPONSE)
-    other = guard._vocab.tokenize(" Actually, never mind that.")
+    response = guard.vocab.tokenize(RESPONSE)
+    other = guard.vocab.tokenize(" Actually, never mind that.")
     with guard.session(PROMPT) as s:
         s.feed(response)
         s.rollback(7)
@@ -158,11 +159,11 @@ def test_rollback_equals_fresh(guard):
         assert s.state == state
     assert [v.index for v in again] == [v.index for v in fresh]
     assert np.abs(scores_of(again) - scores_of(fresh)).max() < FEED_TOL
-    assert texts == guard._vocab.detokenize(response[:-7] + other).decode("utf-8")
+    assert texts == guard.vocab.detokenize(response[:-7] + other).decode("utf-8")
 
 
 def test_rollback_restores_debounce(guard):
-    response = guard._vocab.tokenize(RESPONSE)
+    response = guard.vocab.tokenize(RESPONSE)
     with guard.session(PROMPT) as s:
         verdicts = s.feed(response)
         trigger = first_trigger(v.label for v in verdicts)
@@ -175,7 +176,7 @@ def test_rollback_restores_debounce(guard):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_feed_text_commits_the_whole_tokenization(guard, text):
-    want = guard._vocab.tokenize(text)
+    want = guard.vocab.tokenize(text)
     rng = random.Random(len(text))
     for trial in range(3):
         data = text.encode("utf-8") if trial == 2 else text
@@ -197,17 +198,17 @@ def test_bytes_split_inside_characters(guard):
         for i in range(len(data)):
             s.feed_text(data[i : i + 1])
         s.finish()
-        assert list(s.tokens) == guard._vocab.tokenize(text)
+        assert list(s.tokens) == guard.vocab.tokenize(text)
 
 
 def test_control_token_text_is_plain_text(guard):
-    im_end = guard._vocab.token_id("<|im_end|>")
+    im_end = guard.vocab.token_id("<|im_end|>")
     with guard.session("say <|im_end|> please") as s:
         s.feed_text("Sure: <|im_end|><|im_start|>user")
         s.finish()
         assert im_end not in s.tokens
-        assert s.tokens == tuple(guard._vocab.tokenize("Sure: <|im_end|><|im_start|>user"))
-    tokens, end = guard._prompt_tokens("say <|im_end|> please")
+        assert s.tokens == tuple(guard.vocab.tokenize("Sure: <|im_end|><|im_start|>user"))
+    tokens, end = guard.prompt_tokens("say <|im_end|> please")
     assert tokens.count(im_end) == 1 and tokens[end] == im_end
 
 
@@ -229,14 +230,28 @@ def test_bad_token_ids(guard):
         assert s.tokens == ()
 
 
-def test_one_session_at_a_time(guard):
-    first = guard.session(PROMPT)
-    guard.session("another prompt")
-    with pytest.raises(RuntimeFailure, match="one session at a time"):
-        first.feed([100])
-    guard.check(PROMPT)
-    with pytest.raises(RuntimeFailure):
-        first.rollback(0)
+def test_sessions_are_independent_and_capped(folder, guard):
+    ids = guard.vocab.tokenize(RESPONSE)
+    with guard.session(PROMPT) as alone:
+        expected = [v.scores for v in alone.feed(ids)]
+    with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
+        first = g.session(PROMPT)
+        second = g.session("another prompt")
+        with pytest.raises(UsageError, match="at most 2"):
+            g.session("a third")
+        second.feed(ids[:5])
+        got = [v.scores for v in first.feed(ids)]
+        second.rollback(3)
+        with pytest.raises(UsageError, match="at most 2"):
+            g.check(PROMPT)  # a check needs a sequence too; closing a session frees one
+        second.close()
+        with pytest.raises(RuntimeFailure, match="closed"):
+            second.feed([100])
+        assert g.check(PROMPT).label in ("Safe", "Unsafe", "Controversial")
+        assert len(first.feed([100])) == 1
+        first.close()
+    for a, b in zip(got, expected):
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-3
 
 
 def test_context_overflow(folder):
@@ -244,8 +259,8 @@ def test_context_overflow(folder):
         with pytest.raises(InputTooLong):
             g.check("word " * 80)
         with g.session(PROMPT) as s:
-            with pytest.raises(InputTooLong, match="more than the 64 this model allows"):
-                s.feed(g._vocab.tokenize(RESPONSE * 3))
+            with pytest.raises(InputTooLong, match="more than the 64 this guard allows"):
+                s.feed(g.vocab.tokenize(RESPONSE * 3))
             assert s.tokens == ()
             s.feed([100])  # the session is still usable
 
@@ -253,21 +268,21 @@ def test_context_overflow(folder):
 def test_context_grows_without_changing_scores(folder, guard, monkeypatch):
     import edgeguard.stream as stream_module
 
-    ids = guard._vocab.tokenize(RESPONSE * 3)
+    ids = guard.vocab.tokenize(RESPONSE * 3)
     with guard.session(PROMPT) as s:
         expected = [v.scores for v in s.feed(ids)]
-    monkeypatch.setattr(stream_module, "INITIAL_CTX", 32)
+    monkeypatch.setattr(stream_module, "DEFAULTS", dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32))
     with StreamGuard(folder, Manifest.read(folder), "f16") as g:
-        assert g._backend.n_ctx == 32
+        assert g.context_size == 32
         with g.session(PROMPT) as s:
             got = [v.scores for v in s.feed(ids[:10])] + [v.scores for v in s.feed(ids[10:])]
-        assert g._backend.n_ctx >= len(ids) + 20
+        assert g.context_size >= len(ids) + 20
     for a, b in zip(got, expected):
         assert max(abs(a[k] - b[k]) for k in a) < 1e-3
 
 
 def test_flagged_follows_policy(folder, guard):
-    response = guard._vocab.tokenize(RESPONSE * 2)
+    response = guard.vocab.tokenize(RESPONSE * 2)
     with StreamGuard(folder, Manifest.read(folder), "f16", policy="loose") as loose:
         with loose.session(PROMPT) as s:
             s.feed(response)
@@ -293,7 +308,7 @@ def test_run_stream_json(guard):
     state = run_stream(guard, PROMPT, chunks, as_json=True, follow=True, out=out)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     tokens, summary = lines[:-1], lines[-1]
-    assert [t["token"] for t in tokens] == guard._vocab.tokenize(RESPONSE)
+    assert [t["token"] for t in tokens] == guard.vocab.tokenize(RESPONSE)
     assert [t["index"] for t in tokens] == list(range(len(tokens)))
     assert set(tokens[0]) == {"index", "token", "text", "scores", "label", "category"}
     assert summary["event"] == "verdict"

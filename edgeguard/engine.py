@@ -1,0 +1,192 @@
+"""The engine core both guards stand on: one llama.cpp backend, its sequences and its context.
+
+It owns what Gen and Stream have in common: typed options, the device and kernel choice, the
+backend's life cycle, a context that starts small and grows on demand up to the model's limit
+(copying every live sequence over), the sequences in use and which tokens each holds, a
+shared cached prefix, the caps on live sequences and cached tokens, per-stage timings, and one
+lock that serialises every call, so a guard shared between threads gives each thread correct
+results one after the other instead of corrupting llama.cpp's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from edgeguard.backend import Backend, choose_device
+from edgeguard.errors import InputTooLong, UsageError
+from edgeguard.kernels import choose_flash_attn
+
+log = logging.getLogger("edgeguard")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options every engine takes; ``None`` means the engine's own default."""
+
+    n_ctx: int | None = None  # the largest context to allow; default: the manifest's
+    n_threads: int | None = None
+    device: str = "auto"  # "auto": the GPU when this llama.cpp build can offload; "cpu"; "gpu"
+    n_gpu_layers: int | None = None  # on the GPU: how many layers (default all)
+    kv_type: str | None = None  # "f16" or "q8_0" (half the KV memory, slower on CPU)
+    repack: bool | None = None  # llama.cpp's repacked CPU weights (faster, a second copy in RAM)
+    flash_attn: bool | None = None
+    max_cached_tokens: int | None = None  # cap on positions cached over all sequences
+    verbose: bool = False
+
+    @classmethod
+    def from_kwargs(cls, engine: str, **kwargs):
+        """Typed options from keyword arguments; one that does not apply is a UsageError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise UsageError(f"option {', '.join(unknown)} does not apply to the {engine} engine "
+                             f"(options: {', '.join(names)})")
+        return cls(**kwargs)
+
+
+@dataclass
+class Timings:
+    """What the engine spent its time on (milliseconds, summed since the guard was loaded)."""
+
+    decode_calls: int = 0
+    tokens_decoded: int = 0
+    decode_ms: float = 0.0
+    heads_ms: float = 0.0  # Stream: the ONNX classification heads
+    context_growths: int = 0
+
+    def snapshot(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """An engine's choices where its options say ``None``."""
+
+    kv_type: str
+    repack: bool
+    flash_attn: bool | None
+    initial_ctx: int
+    batch: int = 256  # tokens per llama.cpp decode: bounds the compute buffer
+
+
+class Engine:
+    """One backend with up to ``n_seq`` sequences; ``lock`` serialises everything done on it."""
+
+    def __init__(self, gguf: Path, *, mode: str, options: EngineOptions, defaults: Defaults,
+                 max_ctx: int, n_seq: int) -> None:
+        self.lock = threading.RLock()
+        self.mode = mode
+        self.options = options
+        self.gguf = Path(gguf)
+        self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
+        self.kv_type = options.kv_type or defaults.kv_type
+        self.repack = defaults.repack if options.repack is None else options.repack
+        self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
+                                            self.kv_type)
+        self.batch = defaults.batch
+        self.max_ctx = options.n_ctx or max_ctx
+        self.max_cached = options.max_cached_tokens or self.max_ctx
+        self.n_seq = n_seq
+        self.timings = Timings()
+        self._held: list[list[int]] = [[] for _ in range(n_seq)]  # the tokens each sequence holds
+        self._free = list(range(n_seq - 1, -1, -1))
+        self.backend = self._new_backend(min(self.max_ctx, defaults.initial_ctx))
+
+    def _new_backend(self, n_ctx: int) -> Backend:
+        o = self.options
+        return Backend(self.gguf, n_ctx=n_ctx, mode=self.mode, n_batch=self.batch, n_seq=self.n_seq,
+                       n_threads=o.n_threads, n_gpu_layers=self.device.n_gpu_layers, kv_type=self.kv_type,
+                       repack=self.repack, flash_attn=self.flash_attn, verbose=o.verbose)
+
+    # -- sequences -------------------------------------------------------------------------------
+    def acquire(self, what: str = "sequence") -> int:
+        """A free, empty sequence; a UsageError names the cap when none is left."""
+        if not self._free:
+            raise UsageError(f"too many live {what}s: this guard holds at most {self.n_seq} at once; "
+                             f"close one first (or load the guard with a larger cap)")
+        return self._free.pop()
+
+    def release(self, seq: int) -> None:
+        """Free a sequence and its KV cells."""
+        if self.backend is not None and self._held[seq]:
+            self.backend.truncate(0, seq)
+        self._held[seq] = []
+        if seq not in self._free:
+            self._free.append(seq)
+
+    def held(self, seq: int) -> list[int]:
+        return self._held[seq]
+
+    @property
+    def live(self) -> int:
+        return self.n_seq - len(self._free)
+
+    def truncate(self, seq: int, n_keep: int) -> None:
+        self.backend.truncate(n_keep, seq)
+        del self._held[seq][n_keep:]
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """``dst`` starts with the first ``n`` tokens of ``src``, sharing their cells."""
+        self.backend.share(src, dst, n)
+        self._held[dst] = self._held[src][:n]
+
+    # -- context ---------------------------------------------------------------------------------
+    def ensure_room(self, new_tokens: int, what: str) -> None:
+        """Make room for ``new_tokens`` more cached positions, growing the context up to the
+        model's limit; beyond it an InputTooLong with the counts (never a truncation)."""
+        needed = self.backend.cached + new_tokens
+        if needed <= self.backend.n_ctx:
+            return
+        limit = min(self.max_ctx, self.max_cached)
+        if needed > limit:
+            raise InputTooLong(
+                f"{what} needs {new_tokens} more tokens with {self.backend.cached} cached, more than "
+                f"the {limit} this guard allows; shorten the text, roll back, close sessions or raise "
+                "n_ctx / max_cached_tokens (edgeguard never truncates silently)")
+        size = min(limit, max(2 * self.backend.n_ctx, 1 << (needed - 1).bit_length()))
+        self._grow(size)
+
+    def _grow(self, size: int) -> None:
+        """Move every sequence into a larger context. The old context is freed sequence by
+        sequence as soon as its state is copied out, so peak memory stays near the new size."""
+        log.info("growing the context from %d to %d tokens", self.backend.n_ctx, size)
+        old = self.backend
+        states = {seq: (old.state(seq), old.n_past[seq]) for seq in range(self.n_seq) if old.n_past[seq]}
+        old.close()
+        self.backend = self._new_backend(size)
+        for seq, (state, n_past) in states.items():
+            if not self.backend.restore(state, n_past, seq):
+                keys = self._held[seq]
+                self._held[seq] = []
+                log.warning("could not move sequence %d (%d tokens) to the larger context", seq, len(keys))
+        self.timings.context_growths += 1
+
+    def decode(self, inputs: Mapping[int, tuple[Sequence[int], object]],
+               outputs: Mapping[int, Sequence[int]], what: str = "the conversation"):
+        """Append ``inputs[seq] = (token ids, values fed)`` to each sequence in shared decodes.
+
+        The values are what llama.cpp gets (the same ids, or embedding rows for them); the ids
+        are what the sequence is recorded to hold. Returns ``{seq: outputs}``.
+        """
+        total = sum(len(keys) for keys, _ in inputs.values())
+        self.ensure_room(total, what)
+        t0 = time.perf_counter()
+        result = self.backend.decode({seq: values for seq, (_, values) in inputs.items()}, outputs)
+        self.timings.decode_ms += (time.perf_counter() - t0) * 1e3
+        self.timings.decode_calls += -(-total // self.batch)
+        self.timings.tokens_decoded += total
+        for seq, (keys, _) in inputs.items():
+            self._held[seq].extend(int(k) for k in keys)
+        return result
+
+    def close(self) -> None:
+        with self.lock:
+            if self.backend is not None:
+                self.backend.close()
+                self.backend = None

@@ -1,0 +1,363 @@
+"""llama.cpp, the library: initialisation and log, what the build can do, model loading, Vocab.
+
+With ``edgeguard.backend`` (contexts and decoding), the only modules that import ``llama_cpp``.
+They use the low-level bindings, never the high-level ``Llama`` class, which reserves
+n_batch x n_vocab floats of logits up front.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+try:
+    # On a CUDA build of llama.cpp, importing onnxruntime after llama.cpp's CUDA libraries were
+    # loaded segfaulted inside onnxruntime's import (H200, CUDA 13); the other order works. So
+    # onnxruntime, when installed, is always loaded first, whatever order the app imports in.
+    import onnxruntime  # noqa: F401
+except ImportError:
+    pass
+import llama_cpp
+
+from edgeguard import kernels
+from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+from edgeguard.kernels import KernelPlan, SystemInfo, TensorInfo, amx_allowed, plan_kernels
+
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)
+_GGUF_MAGIC = b"GGUF"
+native_error = [""]
+_GGML_LOG_LEVEL_INFO = 2
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
+_buffer_lines: list[str] = []  # llama.cpp's "<buffer type> model buffer size" lines of a load
+_echo_log = [False]  # verbose: llama.cpp's log goes to stderr as well
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # Kept at module level so ctypes never frees the callback that llama.cpp holds.
+    # The first error line since the last reset is kept: it names the cause, later ones don't.
+    if _echo_log[0] and text:
+        os.write(2, text)
+    if level == _GGML_LOG_LEVEL_ERROR and text and not native_error[0]:
+        native_error[0] = text.decode("utf-8", "replace").strip()
+    elif level == _GGML_LOG_LEVEL_INFO and text and b"model buffer size" in text:
+        _buffer_lines.append(text.decode("utf-8", "replace"))
+
+
+_backend_ready = False
+
+
+def init_llama(verbose: bool) -> None:
+    """Initialise llama.cpp once per process; route its log (process-wide: the last call wins)."""
+    global _backend_ready
+    _echo_log[0] = verbose
+    llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def default_threads() -> int:
+    """``EDGEGUARD_THREADS`` if set, else the CPUs this process may run on."""
+    env = os.environ.get("EDGEGUARD_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise UsageError(f"EDGEGUARD_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def system_info() -> SystemInfo:
+    """What this process's llama.cpp build can do (CPU features, GPU backends)."""
+    return SystemInfo.parse(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def choose_device(requested: str = "auto", *, n_gpu_layers: int | None = None) -> kernels.DeviceChoice:
+    """Where to run: ``requested`` ("auto", "cpu", "gpu") against what this build supports."""
+    return kernels.choose_device(requested, gpu_offload=gpu_offload_supported(), n_gpu_layers=n_gpu_layers)
+
+
+def gguf_tensors(path: str | os.PathLike[str]) -> list[TensorInfo]:
+    """Name, ggml type and shape of every tensor in a GGUF (read from its header)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(os.fspath(path), "r")
+    except Exception as exc:  # gguf raises whatever a damaged header happens to trigger
+        raise ModelError(f"cannot load model {path}: its tensor list is unreadable "
+                         f"(truncated or damaged GGUF: {type(exc).__name__})") from exc
+    return [TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in t.shape)) for t in reader.tensors]
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml():
+    """The ggml library llama-cpp-python loaded, with the device functions edgeguard reads."""
+    from llama_cpp import _ggml as bound
+
+    lib = bound.libggml
+    P, S = ctypes.c_void_p, ctypes.c_size_t
+    for name, restype, argtypes in (
+        ("ggml_backend_dev_count", S, []),
+        ("ggml_backend_dev_get", P, [S]),
+        ("ggml_backend_dev_by_type", P, [ctypes.c_int]),
+        ("ggml_backend_dev_name", ctypes.c_char_p, [P]),
+        ("ggml_backend_dev_description", ctypes.c_char_p, [P]),
+        ("ggml_backend_dev_type", ctypes.c_int, [P]),
+        ("ggml_backend_dev_memory", None, [P, ctypes.POINTER(S), ctypes.POINTER(S)]),
+        ("ggml_backend_dev_backend_reg", P, [P]),
+        ("ggml_backend_reg_get_proc_address", P, [P, ctypes.c_char_p]),
+        ("ggml_backend_buft_name", ctypes.c_char_p, [P]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}  # enum ggml_backend_dev_type
+
+
+def devices() -> list[dict[str, object]]:
+    """The compute devices llama.cpp sees (CPU, GPUs), with their memory where known."""
+    lib = _ggml()
+    found = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append({
+            "name": (lib.ggml_backend_dev_name(dev) or b"").decode(),
+            "description": (lib.ggml_backend_dev_description(dev) or b"").decode(),
+            "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
+            "memory_total_mb": total.value / 2**20,
+            "memory_free_mb": free.value / 2**20,
+        })
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_extra_bufts() -> dict[str, int]:
+    """llama.cpp's extra CPU buffer types by name ("CPU_REPACK", "AMX", ...): their addresses."""
+    lib = _ggml()
+    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not dev:
+        return {}
+    address = lib.ggml_backend_reg_get_proc_address(lib.ggml_backend_dev_backend_reg(dev),
+                                                    b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return {}
+    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
+    found, array = {}, get_extra(dev)
+    i = 0
+    while array and array[i]:
+        found[lib.ggml_backend_buft_name(array[i]).decode()] = array[i]
+        i += 1
+    return found
+
+
+def cpu_extra_buffer_types() -> list[str]:
+    """Names of llama.cpp's extra CPU buffer types in this build and on this CPU."""
+    return list(_cpu_extra_bufts())
+
+
+def kernel_plan(path: str | os.PathLike[str], *, repack: bool, n_gpu_layers: int) -> KernelPlan:
+    """How this build should place this GGUF's weights (see ``edgeguard.kernels``)."""
+    info = system_info()
+    needs_tensors = repack and info.amx and not amx_allowed() and n_gpu_layers == 0
+    tensors = gguf_tensors(path) if needs_tensors else []
+    plan = plan_kernels(info, tensors, repack=repack, on_gpu=n_gpu_layers != 0, allow_amx=amx_allowed())
+    if plan.repack_tensors and "CPU_REPACK" not in _cpu_extra_bufts():
+        return KernelPlan(False, (), plan.reason + "; this build has no CPU_REPACK buffer type")
+    return plan
+
+
+def load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: int,
+                verbose: bool, repack: bool = True) -> tuple[ctypes.c_void_p, KernelPlan, dict[str, float]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelError(f"not a GGUF file: {path}")
+    init_llama(verbose)
+    plan = (KernelPlan(False, (), "vocabulary only") if vocab_only
+            else kernel_plan(path, repack=repack, n_gpu_layers=n_gpu_layers))
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.n_gpu_layers = n_gpu_layers
+    # Repacking quantized weights for faster CPU kernels keeps a second copy of them in RAM.
+    params.use_extra_bufts = plan.extra_bufts
+    overrides = None
+    if plan.repack_tensors:
+        patterns = [p.encode() for p in plan.overrides()]
+        repack_buft = _cpu_extra_bufts()["CPU_REPACK"]
+        overrides = (_BuftOverride * (len(patterns) + 1))(
+            *[_BuftOverride(p, repack_buft) for p in patterns], _BuftOverride(None, None))
+        params.tensor_buft_overrides = ctypes.addressof(overrides)
+    native_error[0] = ""
+    _buffer_lines.clear()
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+    del overrides  # llama.cpp reads the patterns only while loading
+    if not model:
+        reason = one_line(native_error[0]) or "llama.cpp returned no model"
+        raise ModelError(f"cannot load model {path}: {reason}")
+    buffers = {}
+    for line in _buffer_lines:
+        m = _BUFFER_LINE.search(line)
+        if m:
+            buffers[m.group(1)] = buffers.get(m.group(1), 0.0) + float(m.group(2))
+    return model, plan, buffers
+
+
+def drop_mapped_pages(path: Path) -> None:
+    """Let the kernel drop this process's resident pages of the memory-mapped GGUF.
+
+    Repacking reads the quantized weights once from the mapping and keeps them in a buffer of
+    its own; their mapped pages would otherwise stay counted in the process's memory for
+    nothing. Pages still in use fault back in from the page cache (the mapping is read-only).
+    Linux only; elsewhere a no-op.
+    """
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    target = str(path.resolve())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madv_dontneed = 4
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(start, end - start, madv_dontneed)
+
+
+class Vocab:
+    """The tokenizer of a GGUF, loaded with ``vocab_only`` (no weights are read)."""
+
+    def __init__(self, gguf_path: str | os.PathLike[str], *, verbose: bool = False) -> None:
+        self._model, _, _ = load_model(gguf_path, vocab_only=True, n_gpu_layers=0, verbose=verbose)
+        self._owns_model = True
+        self._bind(llama_cpp.llama_model_get_vocab(self._model), gguf_path)
+
+    def _bind(self, vocab, path) -> None:
+        self._vocab = vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        # llama.cpp aborts the process when asked to tokenize with a dummy ("none") vocabulary.
+        self._no_tokenizer: str | None = None
+        if llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
+            self._no_tokenizer = f"{path} has no tokenizer (a dummy-vocabulary backbone)"
+
+    @classmethod
+    def _borrow(cls, model: ctypes.c_void_p, path: str | os.PathLike[str]) -> Vocab:
+        """A view on the vocabulary of a model that someone else loaded and frees."""
+        self = cls.__new__(cls)
+        self._model = model
+        self._owns_model = False
+        self._bind(llama_cpp.llama_model_get_vocab(model), path)
+        return self
+
+    def _live_vocab(self):
+        if self._vocab is None:
+            raise RuntimeFailure("the vocabulary is closed")
+        if self._no_tokenizer:
+            raise ModelError(self._no_tokenizer)
+        return self._vocab
+
+    def _tokenize(self, text: str, *, parse_special: bool) -> list[int]:
+        vocab = self._live_vocab()
+        data = text.encode("utf-8")
+        if not data:
+            return []
+        capacity = len(data) + 8
+        for _ in range(2):
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, False, parse_special)
+            if n >= 0:
+                return buf[:n]
+            capacity = -n
+        raise RuntimeFailure(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-looking text such as ``<|im_end|>`` stays plain text."""
+        return self._tokenize(text, parse_special=False)
+
+    def token_id(self, piece: str) -> int:
+        """The id of one special or added token, for example ``"<|im_end|>"``."""
+        ids = self._tokenize(piece, parse_special=True)
+        if len(ids) != 1:
+            raise ModelError(f"the vocabulary has no single token for {piece!r} (got {len(ids)})")
+        return ids[0]
+
+    def piece(self, token: int) -> bytes:
+        """The raw bytes of one token (special tokens rendered as their text)."""
+        vocab = self._live_vocab()
+        size = 32
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, True)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+        raise RuntimeFailure(f"llama.cpp could not render token {token}")
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        """The raw bytes of a token sequence, special tokens included as text."""
+        vocab = self._live_vocab()
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = max(64, 8 * len(tokens))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+        raise RuntimeFailure(f"llama.cpp could not detokenize {len(tokens)} tokens")
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (for example ``tokenizer.chat_template``), None if absent."""
+        if self._model is None:
+            raise RuntimeFailure("the vocabulary is closed")
+        size = 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n + 1
+        raise RuntimeFailure(f"llama.cpp could not read metadata {key!r}")
+
+    def close(self) -> None:
+        if self._owns_model and self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+        self._model = None
+        self._vocab = None
+
+    def __enter__(self) -> Vocab:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
