@@ -190,3 +190,30 @@ class Engine:
             if self.backend is not None:
                 self.backend.close()
                 self.backend = None
+
+
+class EngineStats:
+    """What a guard tells about its engine (mixed into GenGuard and StreamGuard, which keep
+    their ``Engine`` in ``_engine``)."""
+
+    _engine: Engine
+
+    @property
+    def timings(self):
+        """Per-stage time spent by this guard (a public ``edgeguard.engine.Timings``)."""
+        return self._engine.timings
+
+    @property
+    def kernel_plan(self):
+        """How llama.cpp placed the weights (``edgeguard.kernels.KernelPlan``)."""
+        return self._engine.backend.kernel_plan
+
+    @property
+    def context_size(self) -> int:
+        """Token positions the KV cache holds now (it grows on demand up to the model's limit)."""
+        return self._engine.backend.n_ctx
+
+    @property
+    def cached_tokens(self) -> int:
+        """KV cells in use now, over all sequences (a shared template head counts once)."""
+        return self._engine.backend.cached

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edgeguard.engine import Defaults, Engine, EngineOptions
+from edgeguard.engine import Defaults, Engine, EngineOptions, EngineStats
 from edgeguard.errors import ModelError, UsageError
 from edgeguard.manifest import Manifest
 from edgeguard.policy import Policy, decide, load_policy
@@ -55,7 +55,7 @@ class _Item:
     t0: float = 0.0
 
 
-class GenGuard:
+class GenGuard(EngineStats):
     """A loaded Gen model: ``check()`` returns a Verdict, ``check_many()`` a lazy stream of them.
 
     Thread-safe: concurrent calls are serialised (each waits for the one before it).
@@ -95,26 +95,6 @@ class GenGuard:
         except BaseException:
             self._engine.close()
             raise
-
-    @property
-    def timings(self):
-        """Per-stage time spent by this guard (a public ``edgeguard.engine.Timings``)."""
-        return self._engine.timings
-
-    @property
-    def kernel_plan(self):
-        """How llama.cpp placed the weights (``edgeguard.kernels.KernelPlan``)."""
-        return self._engine.backend.kernel_plan
-
-    @property
-    def context_size(self) -> int:
-        """Token positions the KV cache holds now (it grows on demand up to the model's limit)."""
-        return self._engine.backend.n_ctx
-
-    @property
-    def cached_tokens(self) -> int:
-        """KV cells in use now, over all sequences (a shared template head counts once)."""
-        return self._engine.backend.cached
 
     @property
     def vocab(self):

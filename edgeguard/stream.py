@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeguard.backend import Vocab
 from edgeguard.debounce import Debouncer
-from edgeguard.engine import Defaults, Engine, EngineOptions
+from edgeguard.engine import Defaults, Engine, EngineOptions, EngineStats
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from edgeguard.heads import Heads
 from edgeguard.manifest import Manifest
@@ -46,7 +46,7 @@ class StreamOptions(EngineOptions):
     max_sessions: int = 16  # live sessions one guard hosts (each is a llama.cpp sequence)
 
 
-class StreamGuard:
+class StreamGuard(EngineStats):
     """A loaded Stream model: ``check``, ``check_many``, ``session`` and ``feed_many``.
 
     Thread-safe: concurrent calls are serialised. Sessions are independent: one session's
@@ -112,26 +112,6 @@ class StreamGuard:
     def _own(self, resource):
         self._closers.append(resource)
         return resource
-
-    @property
-    def timings(self):
-        """Per-stage time spent by this guard (a public ``edgeguard.engine.Timings``)."""
-        return self._engine.timings
-
-    @property
-    def kernel_plan(self):
-        """How llama.cpp placed the weights (``edgeguard.kernels.KernelPlan``)."""
-        return self._engine.backend.kernel_plan
-
-    @property
-    def context_size(self) -> int:
-        """Token positions the KV cache holds now (it grows on demand up to the model's limit)."""
-        return self._engine.backend.n_ctx
-
-    @property
-    def cached_tokens(self) -> int:
-        """KV cells in use now, over all sequences (a shared template head counts once)."""
-        return self._engine.backend.cached
 
     @property
     def live_sessions(self) -> int:
