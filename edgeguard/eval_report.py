@@ -51,10 +51,13 @@ def compute(dataset: Dataset, kind: str, runs: dict[str, dict[int, dict]], order
     left_out = {f["line"] for f in failed}
     items = [i for i in dataset.items if i.line not in left_out]
     groups = {"overall": list(items)}
-    for subset in dataset.subsets:
-        groups[f"subset:{subset}"] = [i for i in items if i.subset == subset]
-    if len(groups) == 2:  # one subset: it is the overall figure
-        del groups[next(k for k in groups if k != "overall")]
+    if len(dataset.subsets) > 1:  # one subset is the overall figure
+        for subset in dataset.subsets:
+            groups[f"subset:{subset}"] = [i for i in items if i.subset == subset]
+    modes = sorted({i.mode for i in dataset.items})
+    if len(modes) > 1:  # prompts and responses apart (Stream's response-level F1)
+        for mode in modes:
+            groups[f"mode:{mode}"] = [i for i in items if i.mode == mode]
     variants = {}
     for v in order:
         figures = {name: _classification(group, runs[v]).to_dict() for name, group in groups.items()}

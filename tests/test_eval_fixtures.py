@@ -197,7 +197,7 @@ def test_stream_eval_timing_through_every_quant(stream_model, tmp_path):
             assert pred["n_before"] == r0 and len(pred["token_scores"]) == len(offsets)
     for q in QUANTS:
         r = report["results"][q]
-        response = r["metrics"]["subset:response"]["strict"]
+        response = r["metrics"]["mode:response"]["strict"]
         assert response["f1"] >= STREAM_MIN_F1, (q, response)
         t = r["timing"]
         assert t["n"] == 5 and t["detected"] == 5

@@ -79,7 +79,14 @@ def test_overall_figures_by_hand(dataset):
 
 def test_subsets_by_hand(dataset):
     metrics = eval_report.compute(dataset, "gen", _runs(), ["f16"])["results"]["f16"]["metrics"]
-    assert sorted(metrics) == ["overall", "subset:A", "subset:B", "subset:C"]
+    assert sorted(metrics) == ["mode:prompt", "mode:response", "overall", "subset:A", "subset:B",
+                               "subset:C"]
+    # responses a2 (Unsafe -> Controversial), a4 (Safe -> Controversial), c2 (Unsafe -> Unsafe)
+    r = metrics["mode:response"]
+    assert (r["strict"]["tp"], r["strict"]["fp"], r["strict"]["fn"], r["strict"]["tn"]) == (2, 1, 0, 0)
+    assert r["strict"]["f1"] == pytest.approx(0.8)
+    assert (r["loose"]["tp"], r["loose"]["fp"], r["loose"]["fn"], r["loose"]["tn"]) == (1, 0, 1, 1)
+    assert metrics["mode:prompt"]["n"] == 7
     a = metrics["subset:A"]
     assert (a["strict"]["tp"], a["strict"]["fp"], a["strict"]["fn"], a["strict"]["tn"]) == (3, 1, 1, 1)
     assert a["strict"]["f1"] == 0.75 and a["loose"]["f1"] == pytest.approx(2 / 3)
