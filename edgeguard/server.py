@@ -172,11 +172,26 @@ async def read_json(request: Request, limit: int) -> dict:
             raise HTTPError(413, f"the request body is more than the {limit} bytes allowed", "request_too_large")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HTTPError(400, f"the request body is not valid JSON ({e})", "invalid_json") from e
+    except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8 and bad JSON
+        raise HTTPError(400, f"the request body is not valid JSON ({type(e).__name__}: {e})", "invalid_json") from e
     if not isinstance(data, dict):
         raise HTTPError(400, "the request body must be a JSON object", "invalid_json")
     return data
+
+
+def check_text(value: Any, what: str) -> None:
+    """Texts the engines take, as the CLI takes them: valid Unicode (JSON's escapes can carry
+    lone surrogates) and no NUL."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise HTTPError(400, f"{what} contains NUL characters", "invalid_input")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise HTTPError(400, f"{what} is not valid Unicode (a lone surrogate at {e.start})", "invalid_input") from e
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item.get("content") if isinstance(item, dict) else item, f"{what}[{i}]")
 
 
 def conversation(data: Mapping) -> tuple:
@@ -187,12 +202,15 @@ def conversation(data: Mapping) -> tuple:
         messages = data["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise HTTPError(400, "'messages' must be a list of {\"role\", \"content\"} objects", "invalid_input")
+        check_text(messages, "messages")
         return (messages,)
     if "prompt" not in data:
         raise HTTPError(400, "missing field 'prompt' (or 'messages')", "missing_field")
     prompt, response = data["prompt"], data.get("response")
     if not isinstance(prompt, str) or not (response is None or isinstance(response, str)):
         raise HTTPError(400, "'prompt' and 'response' must be strings", "invalid_input")
+    check_text(prompt, "prompt")
+    check_text(response, "response")
     return (prompt,) if response is None else (prompt, response)
 
 
@@ -219,6 +237,7 @@ async def moderations(request: Request) -> Response:
     if "input" not in data:
         raise HTTPError(400, "missing field 'input'", "missing_field")
     texts = server_openai.parse_inputs(data["input"])
+    check_text(texts, "input")
     verdicts = await state.checks(guard, [(t,) for t in texts])
     return JSONResponse(server_openai.response(guard.name, verdicts))
 

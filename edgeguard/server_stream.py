@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from edgeguard.server import HTTPError, http_error
+from edgeguard.server import HTTPError, check_text, http_error
 from edgeguard.server_workers import LiveStream, QueueFull
 
 PIPELINE = 64  # frames one stream may have waiting for the engine before reading pauses
@@ -35,8 +35,8 @@ def _error_event(error: BaseException, config) -> dict:
 def _frame(raw: str) -> dict:
     try:
         frame = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise HTTPError(400, f"the frame is not valid JSON ({e})", "invalid_json") from e
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(400, f"the frame is not valid JSON ({type(e).__name__}: {e})", "invalid_json") from e
     if not isinstance(frame, dict):
         raise HTTPError(400, "a frame must be a JSON object", "invalid_json")
     return frame
@@ -56,6 +56,7 @@ def _job(frame: dict) -> dict[str, Any]:
         raise HTTPError(400, "'text' must be a string", "invalid_input")
     if tokens is not None and not isinstance(tokens, list):
         raise HTTPError(400, "'tokens' must be a list of token ids", "invalid_input")
+    check_text(text, "text")
     if not isinstance(final, bool):
         raise HTTPError(400, "'finish' must be true or false", "invalid_input")
     if text is None and tokens is None and not final:
@@ -75,8 +76,12 @@ async def _open(ws: WebSocket, state) -> LiveStream | None:
         first = _frame(await ws.receive_text())
         if "messages" in first:
             prompt = first["messages"]
+            if not isinstance(prompt, list):
+                raise HTTPError(400, "'messages' must be a list of {\"role\", \"content\"} objects", "invalid_input")
+            check_text(prompt, "messages")
         elif isinstance(first.get("prompt"), str):
             prompt = first["prompt"]
+            check_text(prompt, "prompt")
         else:
             raise HTTPError(400, "the first frame must be {\"prompt\": text} or {\"messages\": [...]}",
                             "missing_field")

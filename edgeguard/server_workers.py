@@ -237,8 +237,9 @@ class StreamWorker(_Worker):
                 session = guard.session(job.items[0])
                 job.resolve(LiveStream(session, Retokenizer(guard.vocab.tokenize, atomic=self._atomic)))
             elif job.kind == "rollback":
-                job.stream.retokenizer.reset()
-                job.stream.session.rollback(job.n)
+                job.stream.session.rollback(job.n)  # raises before any change if n is wrong
+                if job.n:  # as StreamSession.rollback does with its own pending text
+                    job.stream.retokenizer.reset()
                 job.resolve(job.stream.report([]))
             elif job.kind == "close":
                 job.stream.session.close()

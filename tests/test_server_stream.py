@@ -143,15 +143,16 @@ def test_eight_concurrent_streams_equal_sequential(server):
 def test_bad_frames_get_errors_and_change_nothing(server, stream_model):
     want = cli_stream(stream_model, PROMPT, RESPONSES[3])
     bad = ["{not json", json.dumps([1]), json.dumps({"tokens": [10 ** 9]}), json.dumps({"tokens": "abc"}),
-           json.dumps({"rollback": -1}), json.dumps({"hello": 1}), json.dumps({"text": 5})]
+           json.dumps({"rollback": -1}), json.dumps({"hello": 1}), json.dumps({"text": 5}),
+           json.dumps({"text": "lone \ud800"}), "[" * 50_000 + "]" * 50_000, json.dumps({"rollback": 10 ** 6})]
     from websockets.exceptions import ConnectionClosed
 
     events = []
     with connect(server) as ws:
         ws.send(json.dumps({"prompt": PROMPT}))
+        ws.send(json.dumps({"text": RESPONSES[3][:10]}))  # leaves text pending: bad frames keep it
         for raw in bad:
             ws.send(raw)
-        ws.send(json.dumps({"text": RESPONSES[3][:10]}))
         ws.send(json.dumps({"tokens": [1, 2]}))  # this stream takes text
         ws.send(json.dumps({"text": RESPONSES[3][10:], "finish": True}))
         try:
