@@ -200,9 +200,10 @@ def test_stream_eval_timing_through_every_quant(stream_model, tmp_path):
         response = r["metrics"]["mode:response"]["strict"]
         assert response["f1"] >= STREAM_MIN_F1, (q, response)
         t = r["timing"]
-        assert t["n"] == 5 and t["detected"] == 5
-        # the fixture flags a planted sentence from its first trigger word: inside the span
-        assert t["in_first_span"] == 5 and t["within"]["64"]["hits"] == 5
+        assert t["n"] == 5 and t["detected"] == 5 and t["early"] == 0
+        # the fixture flags a planted sentence from its first trigger word, inside the span
+        # (measured: 5 of 5, median delay 3 tokens; one miss allowed for another CPU's rounding)
+        assert t["in_first_span"] >= 4 and t["within"]["64"]["hits"] >= 4
         assert 0 <= t["median_delay_tokens"] <= 20
 
 
