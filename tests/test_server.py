@@ -408,7 +408,7 @@ def test_api_key(gen_model, cache_env):
             openai_client(srv, api_key="wrong").moderations.create(input="hi")
         assert openai_client(srv, api_key="s3cret-key").moderations.create(input="hi").results
     finally:
-        assert srv.stop() == 0, srv.stderr
+        assert srv.stop(signal.SIGINT) == 0, srv.stderr  # Ctrl-C: the same clean exit as SIGTERM
 
 
 def test_no_key_means_open(server):

@@ -230,3 +230,20 @@ def test_stream_auth(stream_model, cache_env):  # noqa: F811
     finally:
         assert srv.stop() == 0, srv.stderr
 
+
+
+def test_check_with_response_on_the_stream_model(server, stream_model):
+    want = cli_stream(stream_model, PROMPT, RESPONSES[0])[-1]
+    status, _, got = server.post("/v1/check", {"prompt": PROMPT, "response": RESPONSES[0]})
+    assert status == 200 and got["engine"] == "stream"
+    assert got["flagged_at"] == want["flagged_at"] and got["label"] == want["label"]
+    assert got["categories"] == ([want["category"]] if want["category"] else [])
+    assert got["flagged"] == want["flagged"]
+    assert got["response_tokens"] == len(cli_stream(stream_model, PROMPT, RESPONSES[0])) - 1
+
+
+def test_models_list_and_no_gen(server):
+    assert server.get("/v1/models")[1]["data"] == [
+        {"id": "stream", "object": "model", "owned_by": "edgeguard", "engine": "stream"}]
+    status, _, body = server.post("/v1/moderations", {"input": "hi", "model": "gen"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
