@@ -203,9 +203,14 @@ def check(text, response, engine, policy, as_json, generate, model, quant, offli
 @click.option("--restart", is_flag=True, help="Overwrite --out instead of resuming it.")
 @click.option("--engine", type=click.Choice(["gen", "stream"]), default=None)
 @click.option("--policy", default="strict", show_default=True)
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run on Ray Data actors (needs the ray extra); IN may be .jsonl, .parquet or .csv, --out .jsonl or .parquet.")
+@click.option("--address", default=None, help="With --ray: the Ray cluster (auto, ray://host:10001; default: a new local one).")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: guard actors, each with --threads threads (default 1) (default: CPUs // threads).")
 @model_options
 @handle_errors
-def scan(infile, outfile, restart, engine, policy, model, quant, offline, threads, device):
+def scan(infile, outfile, restart, engine, policy, use_ray, address, actors, model, quant, offline, threads, device):
     """Check every line of IN.jsonl ({"prompt", "response"?, "id"?}) into OUT.jsonl.
 
     One output line per input line, written as it is produced. Rerunning resumes after the
@@ -220,14 +225,33 @@ def scan(infile, outfile, restart, engine, policy, model, quant, offline, thread
     from edgeguard.scan import identity, open_output, run_scan
 
     to_stdout = outfile == "-"
-    with open_output(infile, None if to_stdout else Path(outfile), sys.stdout.buffer) as output:
-        _, _, loaded_quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=_progress)
-        with _load(model, quant, engine, policy, offline, threads, device) as guard:
-            stats = run_scan(guard, infile, output, identity=identity(guard, loaded_quant), restart=restart)
+    if use_ray:
+        stats = _scan_with_ray(infile, outfile, to_stdout, restart, engine, policy, address, actors, model, quant,
+                               offline, threads, device)
+    elif address is not None or actors is not None:
+        raise UsageError("--address and --actors need --ray")
+    else:
+        with open_output(infile, None if to_stdout else Path(outfile), sys.stdout.buffer) as output:
+            _, _, loaded_quant = resolve(model, quant, kind=engine or "gen", offline=offline, progress=_progress)
+            with _load(model, quant, engine, policy, offline, threads, device) as guard:
+                stats = run_scan(guard, infile, output, identity=identity(guard, loaded_quant), restart=restart)
     resumed = f", {stats.kept} kept from an earlier run" if stats.kept else ""
     _progress(f"scanned {stats.done} lines{resumed}: {stats.flagged} flagged, {stats.malformed} malformed, "
               f"{stats.blank} blank -> {'stdout' if to_stdout else outfile}")
     sys.exit(stats.exit_code)
+
+
+def _scan_with_ray(infile, outfile, to_stdout, restart, engine, policy, address, actors, model, quant, offline,
+                   threads, device):
+    from edgeguard.ray import quiet_ray_logs, require_ray, scan_with_ray
+    from edgeguard.scan import open_output
+
+    require_ray()  # before anything is opened: without the extra this is a usage error
+    quiet_ray_logs(verbose=log.isEnabledFor(logging.DEBUG))
+    with open_output(infile, None if to_stdout else Path(outfile), sys.stdout.buffer) as output:
+        return scan_with_ray(infile, output, address=address, restart=restart, actors=actors,
+                             threads_per_actor=threads or 1, model=model, quant=quant, engine=engine,
+                             policy=policy, device=device, offline=offline)
 
 
 # -- registry and local store -----------------------------------------------------------

@@ -73,7 +73,7 @@ def identity(guard, quant: str) -> dict:
     }
 
 
-def _parse(raw: bytes) -> tuple[dict | None, str | None]:
+def parse_item(raw: bytes) -> tuple[dict | None, str | None]:
     """The input object, or None and why it cannot be checked (``id`` kept when readable)."""
     try:
         item = json.loads(raw.decode("utf-8"))
@@ -96,13 +96,13 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
     return item, None
 
 
-def _check_line(guard, raw: bytes, number: int) -> tuple[dict, str | None]:
+def check_line(guard, raw: bytes, number: int) -> tuple[dict, str | None]:
     """The output record of one input line, and the warning to show when it is not a verdict."""
     if not raw.strip():
         return {"line": number, "skipped": "blank line"}, None
     if number == 1 and raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]  # editors on Windows write one; it is not content
-    item, error = _parse(raw.rstrip(b"\r\n"))
+    item, error = parse_item(raw.rstrip(b"\r\n"))
     if error is None:
         try:
             if guard.engine == "stream" and item.get("response") is not None:
@@ -124,7 +124,7 @@ def _check_line(guard, raw: bytes, number: int) -> tuple[dict, str | None]:
     return record, f"line {number}: skipped: {error}"
 
 
-def _json_line(record: dict) -> bytes:
+def json_line(record: dict) -> bytes:
     """One output line: readable UTF-8, or \\u escapes where the input's ``id`` holds text
     that UTF-8 cannot encode (a lone surrogate written as a JSON escape)."""
     try:
@@ -263,10 +263,10 @@ def _scan_into(guard, infile: Path, out: BinaryIO, stats: ScanStats, *, start: i
             digest.update(raw)
             if number <= start:
                 continue
-            record, warning = _check_line(guard, raw, number)
+            record, warning = check_line(guard, raw, number)
             if warning:
                 progress_ui.message(f"{infile.name}: {warning}")
-            out.write(_json_line(record))
+            out.write(json_line(record))
             out.flush()
             stats.done += 1
             stats.count(record)
