@@ -67,7 +67,7 @@ def test_scan_ray_parquet_in_and_out_equals_local_scan(model, local_ray, local_s
     # there the prompt is missing.
     table = rows()
     table[BLANK_LINE - 1] = table[NOT_JSON_LINE - 1] = {"id": "missing"}
-    pq.write_table(pa.Table.from_pylist(table), src)
+    pq.write_table(pa.table({key: [r.get(key) for r in table] for key in ("prompt", "id")}), src)
     result = scan(src, "--out", out, "--model", model, "--quant", "f16", "--ray", "--actors", "2", "--threads", "1")
     assert result.exit_code == code, result.output
     got = pq.read_table(out).to_pylist()
