@@ -174,6 +174,19 @@ class Backend:
         return self._vocab
 
     @property
+    def weights_mb(self) -> float:
+        return llama_cpp.llama_model_size(self._model) / 2**20
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Values one cached token holds: keys and values of every layer's KV heads."""
+        arch = self._vocab.meta("general.architecture") or ""
+        head_dim = self._vocab.meta(f"{arch}.attention.key_length")
+        n_head = llama_cpp.llama_model_n_head(self._model)
+        dim = int(head_dim) if head_dim else self.n_embd // max(1, n_head)
+        return 2 * llama_cpp.llama_model_n_layer(self._model) * llama_cpp.llama_model_n_head_kv(self._model) * dim
+
+    @property
     def cached(self) -> int:
         """KV cells in use over all sequences (a shared prefix counts once)."""
         return sum(self.n_past) - sum(self._shared)

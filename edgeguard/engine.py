@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 from edgeguard.backend import Backend, choose_device
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.kernels import choose_flash_attn
+from edgeguard.kernels import choose_flash_attn, plan_memory
 
 log = logging.getLogger("edgeguard")
 
@@ -37,6 +37,7 @@ class EngineOptions:
     repack: bool | None = None  # llama.cpp's repacked CPU weights (faster, a second copy in RAM)
     flash_attn: bool | None = None
     max_cached_tokens: int | None = None  # cap on positions cached over all sequences
+    max_memory_mb: int | None = None  # bounds the context (and picks a q8_0 KV cache when needed)
     verbose: bool = False
 
     @classmethod
@@ -96,7 +97,27 @@ class Engine:
         self.timings = Timings()
         self._held: list[list[int]] = [[] for _ in range(n_seq)]  # the tokens each sequence holds
         self._free = list(range(n_seq - 1, -1, -1))
+        self.memory_plan = None
         self.backend = self._new_backend(min(self.max_ctx, defaults.initial_ctx))
+        if options.max_memory_mb is not None:
+            self._fit_memory(options, defaults)
+
+    def _fit_memory(self, options: EngineOptions, defaults: Defaults) -> None:
+        b = self.backend
+        try:
+            plan = plan_memory(options.max_memory_mb, weights_mb=b.weights_mb, kv_values_per_token=b.kv_values_per_token,
+                               kv_asked=options.kv_type, kv_default=defaults.kv_type, max_ctx=self.max_ctx)
+        except BaseException:
+            self.close()
+            raise
+        self.memory_plan = plan
+        self.max_cached = min(self.max_cached, plan.max_tokens)
+        if plan.kv_type != self.kv_type:
+            self.kv_type = plan.kv_type
+            self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
+                                                self.kv_type)
+            b.close()
+            self.backend = self._new_backend(min(self.max_cached, defaults.initial_ctx))
 
     def _new_backend(self, n_ctx: int) -> Backend:
         o = self.options
@@ -148,7 +169,7 @@ class Engine:
             raise InputTooLong(
                 f"{what} needs {new_tokens} more tokens with {self.backend.cached} cached, more than "
                 f"the {limit} this guard allows; shorten the text, roll back, close sessions or raise "
-                "n_ctx / max_cached_tokens (edgeguard never truncates silently)")
+                "n_ctx / max_cached_tokens / max_memory_mb (edgeguard never truncates silently)")
         size = min(limit, max(2 * self.backend.n_ctx, 1 << (needed - 1).bit_length()))
         self._grow(size)
 
@@ -217,3 +238,13 @@ class EngineStats:
     def cached_tokens(self) -> int:
         """KV cells in use now, over all sequences (a shared template head counts once)."""
         return self._engine.backend.cached
+
+    @property
+    def kv_type(self) -> str:
+        """The KV cache's type ("f16" or "q8_0": chosen by ``max_memory_mb`` when not given)."""
+        return self._engine.kv_type
+
+    @property
+    def max_cached_tokens(self) -> int:
+        """The most tokens this guard caches at once (context, option and memory budget)."""
+        return min(self._engine.max_ctx, self._engine.max_cached)

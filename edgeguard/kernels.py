@@ -188,3 +188,31 @@ def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_
     if default is not None:
         return default
     return device == "gpu" or kv_type != "f16"
+
+
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # bytes per cached value (q8_0: 32 values in 34 bytes)
+RUNTIME_MB = 200  # besides weights and KV: compute buffers, onnxruntime, Python (measured ~150-200)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    kv_type: str
+    max_tokens: int
+    reason: str
+
+
+def plan_memory(budget_mb: float, *, weights_mb: float, kv_values_per_token: int, kv_asked: str | None,
+                kv_default: str, max_ctx: int) -> MemoryPlan:
+    """KV type and token cap under a process memory budget: the default KV type if the model's
+    whole context fits, else a q8_0 cache (half the memory, some speed), capped to what fits."""
+    free_mb = budget_mb - weights_mb - RUNTIME_MB
+    if free_mb <= 0:
+        raise UsageError(f"a memory budget of {budget_mb:.0f} MB cannot hold this model: its weights take "
+                         f"{weights_mb:.0f} MB and the runtime ~{RUNTIME_MB} MB; raise max_memory_mb")
+    choices = [kv_asked] if kv_asked else list(dict.fromkeys([kv_default, "q8_0"]))
+    for kv in choices:
+        tokens = int(free_mb * 2**20 / (kv_values_per_token * KV_BYTES[kv]))
+        if tokens >= max_ctx:
+            return MemoryPlan(kv, max_ctx, f"{kv} KV cache: the whole context ({max_ctx} tokens) fits")
+    return MemoryPlan(choices[-1], tokens, f"{choices[-1]} KV cache capped at {tokens} tokens by the "
+                                           f"{budget_mb:.0f} MB budget")

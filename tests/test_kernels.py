@@ -125,3 +125,21 @@ def test_flash_attention_choice():
     assert choose_flash_attn(None, None, "cpu", "q8_0") is True  # llama.cpp needs it for a quantized V cache
     assert choose_flash_attn(True, None, "cpu", "f16") is True
     assert choose_flash_attn(None, False, "gpu", "f16") is False
+
+
+def test_memory_plan_picks_kv_type_and_cap():
+    from edgeguard.kernels import plan_memory
+
+    values = 2 * 28 * 8 * 128  # the real 0.6B: 28 layers, 8 KV heads, head_dim 128 -> 112 KiB/token at f16
+    fits = plan_memory(2000, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
+    assert (fits.kv_type, fits.max_tokens) == ("f16", 8192)  # 8192 x 112 KiB = 896 MiB < 1400
+    q8 = plan_memory(1200, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
+    assert (q8.kv_type, q8.max_tokens) == ("q8_0", 8192)  # 600 MiB: f16 holds 5485, q8_0 all 8192
+    capped = plan_memory(1000, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16",
+                         max_ctx=8192)
+    assert capped.kv_type == "q8_0" and capped.max_tokens == int(400 * 2**20 / (values * 34 / 32))
+    asked = plan_memory(1000, weights_mb=400, kv_values_per_token=values, kv_asked="f16", kv_default="f16",
+                        max_ctx=8192)
+    assert asked.kv_type == "f16" and asked.max_tokens == int(400 * 2**20 / (values * 2))
+    with pytest.raises(UsageError, match="raise max_memory_mb"):
+        plan_memory(500, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
