@@ -135,7 +135,19 @@ def _read_text(value: str, what: str) -> str:
     return value
 
 
+def _budget_aside(fn):
+    """Keep --max-memory out of the commands' signatures: _load reads it from the context."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, max_memory=None, **kwargs):
+        click.get_current_context().meta["edgeguard.max_memory_mb"] = max_memory
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def model_options(fn):
+    fn = _budget_aside(fn)
     fn = click.option("--model", "model", default=None,
                       help="Registry name, converted folder or HF checkpoint folder (default: the registry's default).")(fn)
     fn = click.option("--quant", default=None, help="Which quant of the model to load (default q4_k_m when present).")(fn)
@@ -143,6 +155,8 @@ def model_options(fn):
     fn = click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all).")(fn)
     fn = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
                       help="Where llama.cpp runs the model: auto uses the GPU when this build supports one.")(fn)
+    fn = click.option("--max-memory", "max_memory", type=click.IntRange(min=1), default=None, metavar="MB",
+                      help="Memory budget of the engine: bounds the context, picks a q8_0 KV cache if needed.")(fn)
     return fn
 
 
@@ -150,8 +164,9 @@ def _load(model, quant, engine, policy, offline, threads, device="auto"):
     from edgeguard.loader import load
 
     verbose = logging.getLogger("edgeguard").isEnabledFor(logging.DEBUG)
+    budget = click.get_current_context().meta.get("edgeguard.max_memory_mb")
     return load(model, quant, engine=engine, policy=policy, offline=offline, progress=_progress,
-                n_threads=threads, device=device, verbose=verbose)
+                n_threads=threads, device=device, max_memory_mb=budget, verbose=verbose)
 
 
 def _summary(verdict) -> str:
