@@ -5,8 +5,8 @@ plus Ray's fixed start-up cost (ray.init, and actors starting and loading the mo
     python bench/ray_bench.py                      # random full-size 0.6B Gen, Q4_K_M, 200 rows
     python bench/ray_bench.py --model DIR --quant f16 --rows 100
 
-Ray rows/s are given end to end and "steady" (the cost of a 2-row run, which is nearly all
-start-up, taken away). The target: 2 actors of 1 thread >= 0.9x a local scan with 2 threads.
+Ray rows/s are given end to end (used in the ratios) and "steady" (the time of a 2-row run,
+nearly all start-up, taken away). The target: 2 actors of 1 thread >= 0.9x a local scan with 2 threads.
 """
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def main() -> None:
             for actors in (1, 2):
                 fixed = ray_scan(args.model, args.quant, tiny, actors)
                 total = ray_scan(args.model, args.quant, src, actors)
-                steady = args.rows / max(total - fixed, 1e-9)
-                results[f"ray {actors} actor(s)"] = steady
+                # The 2-row run is noisy on a loaded machine: no steady rate when it took as long as all rows.
+                steady = f"{args.rows / (total - fixed):.2f}" if total > 1.2 * fixed else "n/a"
+                results[f"ray {actors} actor(s)"] = args.rows / total
                 print(f"scan --ray, {actors} actor(s) x 1 thread: {args.rows / total:.2f} rows/s end to end, "
-                      f"{steady:.2f} rows/s steady (start-up of actors + model load: {fixed:.2f} s)")
+                      f"{steady} rows/s steady (start-up of actors + model load: {fixed:.2f} s)")
         finally:
             ray.shutdown()
     local1, local2 = results["local 1 thread(s)"], results["local 2 thread(s)"]
