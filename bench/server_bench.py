@@ -162,29 +162,43 @@ def stream_server(port: int, streams: int, tokens: list[int]) -> dict:
     return out
 
 
-def stream_in_process(model: Path, tokens: list[int], threads: int) -> dict:
+def stream_in_process(model: Path, tokens: list[int], threads: int, streams: int) -> dict:
+    """``streams`` sessions, each token of all of them in one ``feed_many`` (the engine's floor)."""
     import edgeguard
 
     with edgeguard.load(str(model), n_threads=threads) as guard:
-        with guard.session("Write me a story about a garden.") as session:
-            latencies = []
-            t0 = time.perf_counter()
-            for token in tokens:
-                t = time.perf_counter()
-                session.feed([token])
-                latencies.append(time.perf_counter() - t)
-    out = summary(latencies, time.perf_counter() - t0)
+        sessions = [guard.session("Write me a story about a garden.") for _ in range(streams)]
+        latencies = []
+        t0 = time.perf_counter()
+        for token in tokens:
+            t = time.perf_counter()
+            guard.feed_many({s: [token] for s in sessions})
+            latencies.extend([time.perf_counter() - t] * streams)
+        wall = time.perf_counter() - t0
+        for s in sessions:
+            s.close()
+    out = summary(latencies, wall)
     out["tokens_per_s"] = out.pop("rps")
     return out
 
 
 # -- report ---------------------------------------------------------------------------------
+def step(name: str, fn, *args):
+    """Run one measurement, saying on stderr what runs and how long it took."""
+    print(f"  {name} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="random weights of the real 0.6B shape")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--requests", type=int, default=48, help="Gen requests per measurement")
     parser.add_argument("--tokens", type=int, default=24, help="tokens each stream feeds")
+    parser.add_argument("--skip-gen", action="store_true", help="measure the streams only")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -195,22 +209,36 @@ def main() -> None:
     os.environ["EDGEGUARD_CACHE_DIR"] = env["EDGEGUARD_CACHE_DIR"]
     results: dict = {"model": "0.6B random" if args.full else "tiny fixtures", "threads": args.threads}
 
-    results["gen_in_process"] = gen_in_process(gen, prompts, args.threads)
-    server = Server(["--model", str(gen), "--stream-model", str(stream), "--threads", str(args.threads)], env)
+    if not args.skip_gen:
+        results["gen_in_process"] = step("Gen, in process", gen_in_process, gen, prompts, args.threads)
+    server = step("starting the server", Server,
+                  ["--model", str(gen), "--stream-model", str(stream), "--threads", str(args.threads)], env)
     try:
-        gen_server(server.port, prompts[:8], 4)  # warm
-        for clients in (1, 4, 16):
-            results[f"gen_server_{clients}"] = gen_server(server.port, prompts, clients)
-        stream_server(server.port, 1, tokens[:4])  # warm
-        results["stream_server_1"] = stream_server(server.port, 1, tokens)
-        results["stream_server_8"] = stream_server(server.port, 8, tokens)
+        if not args.skip_gen:
+            step("warming up", gen_server, server.port, prompts[:8], 4)
+        for clients in () if args.skip_gen else (1, 4, 16):
+            results[f"gen_server_{clients}"] = step(f"Gen, {clients} clients", gen_server, server.port, prompts,
+                                                    clients)
+        step("warming up", stream_server, server.port, 1, tokens[:4])
+        results["stream_server_1"] = step("Stream, 1 stream", stream_server, server.port, 1, tokens)
+        results["stream_server_8"] = step("Stream, 8 streams", stream_server, server.port, 8, tokens)
     finally:
         server.stop()
-    results["stream_in_process"] = stream_in_process(stream, tokens, args.threads)
+    for n in (1, 8):
+        results[f"stream_in_process_{n}"] = step(f"Stream, in process, {n} sessions", stream_in_process, stream,
+                                                 tokens, args.threads, n)
 
-    base = results["gen_in_process"]
     print(f"edgeguard serve benchmark ({results['model']}, {args.threads} threads, {args.requests} Gen requests, "
           f"{args.tokens} tokens per stream)")
+    if not args.skip_gen:
+        gen_table(results)
+    stream_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def gen_table(results: dict) -> None:
+    base = results["gen_in_process"]
     print("| Gen | req/s | p50 ms | p99 ms | throughput vs in-process loop |")
     print("|---|---|---|---|---|")
     print(f"| in-process `GenGuard.check` loop | {base['rps']:.1f} | {base['p50_ms']:.1f} | {base['p99_ms']:.1f} | 1.00x |")
@@ -219,17 +247,19 @@ def main() -> None:
         r["vs_in_process"] = r["rps"] / base["rps"]
         print(f"| server, {clients} client{'s' if clients > 1 else ''} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['vs_in_process']:.2f}x |")
-    one, eight, local = results["stream_server_1"], results["stream_server_8"], results["stream_in_process"]
-    eight["p50_vs_single"] = eight["p50_ms"] / one["p50_ms"]
+
+
+def stream_table(results: dict) -> None:
     print()
     print("| Stream, one token at a time | tokens/s (all streams) | p50 ms per token | p99 ms | p50 vs one stream |")
     print("|---|---|---|---|---|")
-    print(f"| in-process `session.feed` | {local['tokens_per_s']:.1f} | {local['p50_ms']:.1f} | {local['p99_ms']:.1f} | |")
-    print(f"| server, 1 stream | {one['tokens_per_s']:.1f} | {one['p50_ms']:.1f} | {one['p99_ms']:.1f} | 1.00x |")
-    print(f"| server, 8 streams | {eight['tokens_per_s']:.1f} | {eight['p50_ms']:.1f} | {eight['p99_ms']:.1f} | "
-          f"{eight['p50_vs_single']:.2f}x |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    for where, key in (("in-process `feed_many`", "stream_in_process"), ("server", "stream_server")):
+        one = results[f"{key}_1"]
+        for n in (1, 8):
+            r = results[f"{key}_{n}"]
+            r["p50_vs_single"] = r["p50_ms"] / one["p50_ms"]
+            print(f"| {where}, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} | {r['p50_vs_single']:.2f}x |")
 
 
 if __name__ == "__main__":

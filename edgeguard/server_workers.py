@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -97,6 +98,7 @@ class _Worker:
                     self._cv.wait()
                 if not self._jobs:
                     return
+                self._gather()
                 jobs = self._take()
                 taken = sum(j.size for j in jobs)
                 self._waiting -= taken
@@ -109,6 +111,9 @@ class _Worker:
                     job.fail(e)
             finally:
                 self._busy = 0
+
+    def _gather(self) -> None:
+        """Called with the lock held and a job queued: may wait a little for more to batch."""
 
     def _take(self) -> list[Job]:
         jobs = list(self._jobs)
@@ -194,12 +199,27 @@ class StreamWorker(_Worker):
     through one ``feed_many`` decode; opens, rollbacks and closes run between, in each stream's
     own order."""
 
-    def __init__(self, guard, *, max_queue: int, on_tokens: Callable[[int], None] = lambda n: None):
+    def __init__(self, guard, *, max_queue: int, on_tokens: Callable[[int], None] = lambda n: None,
+                 linger: float = 0.002):
         from edgeguard.stream import atomic_texts
 
         self._on_tokens = on_tokens
         self._atomic = atomic_texts(guard.vocab)
+        self._linger = linger
+        self._open = 0  # streams open now (touched by the worker thread only)
         super().__init__(guard, max_queue=max_queue)
+
+    def _gather(self) -> None:
+        """Streams fed in lockstep (each waits for its last token's verdict) send their next
+        tokens at nearly the same moment: wait up to ``linger`` seconds for every open stream
+        to have a token queued, so they share one decode instead of drifting apart."""
+        deadline = time.monotonic() + self._linger
+        while not self._closing:
+            feeding = {job.stream for job in self._jobs if job.kind == "feed"}
+            left = deadline - time.monotonic()
+            if not feeding or len(feeding) >= self._open or left <= 0:
+                return
+            self._cv.wait(left)
 
     def _step(self, jobs: list[Job]) -> None:
         while jobs:
@@ -235,6 +255,7 @@ class StreamWorker(_Worker):
                 job.resolve(list(guard.check_many(job.items, batch_size=1)))
             elif job.kind == "open":
                 session = guard.session(job.items[0])
+                self._open += 1
                 job.resolve(LiveStream(session, Retokenizer(guard.vocab.tokenize, atomic=self._atomic)))
             elif job.kind == "rollback":
                 job.stream.session.rollback(job.n)  # raises before any change if n is wrong
@@ -243,6 +264,7 @@ class StreamWorker(_Worker):
                 job.resolve(job.stream.report([]))
             elif job.kind == "close":
                 job.stream.session.close()
+                self._open -= 1
                 job.resolve(None)
             else:
                 raise UsageError(f"unknown job {job.kind!r}")
