@@ -200,20 +200,23 @@ class StreamWorker(_Worker):
     own order."""
 
     def __init__(self, guard, *, max_queue: int, on_tokens: Callable[[int], None] = lambda n: None,
-                 linger: float = 0.002):
+                 linger: tuple[float, float, float] = (0.25, 0.002, 0.05)):
         from edgeguard.stream import atomic_texts
 
         self._on_tokens = on_tokens
         self._atomic = atomic_texts(guard.vocab)
-        self._linger = linger
+        self._linger = linger  # (share of a decode step, least, most) in seconds
+        self._step_s = 0.0  # a recent feed decode's duration (moving average)
         self._open = 0  # streams open now (touched by the worker thread only)
         super().__init__(guard, max_queue=max_queue)
 
     def _gather(self) -> None:
         """Streams fed in lockstep (each waits for its last token's verdict) send their next
-        tokens at nearly the same moment: wait up to ``linger`` seconds for every open stream
-        to have a token queued, so they share one decode instead of drifting apart."""
-        deadline = time.monotonic() + self._linger
+        tokens at nearly the same moment: wait a little (a quarter of a recent decode step,
+        2 to 50 ms) for every open stream to have a token queued, so they share one decode
+        instead of drifting apart into groups that each cost a whole step."""
+        share, least, most = self._linger
+        deadline = time.monotonic() + min(most, max(least, share * self._step_s))
         while not self._closing:
             feeding = {job.stream for job in self._jobs if job.kind == "feed"}
             left = deadline - time.monotonic()
@@ -273,8 +276,11 @@ class StreamWorker(_Worker):
 
     def _feed(self, feeds: dict[LiveStream, list[tuple[Job, list[int]]]]) -> None:
         try:
+            t0 = time.monotonic()
             out = self.guard.feed_many({s.session: [i for _, ids in pairs for i in ids]
                                         for s, pairs in feeds.items()})
+            self._step_s = 0.8 * self._step_s + 0.2 * (time.monotonic() - t0) if self._step_s else \
+                time.monotonic() - t0
         except Exception as e:
             if len(feeds) == 1:
                 for job, _ in next(iter(feeds.values())):
