@@ -80,7 +80,7 @@ def _access_log() -> None:
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Conversations that may wait per engine (more: 503 with Retry-After).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
-              help="Gen conversations decoded together (default: the engine's max_batch, 8).")
+              help="Gen conversations decoded together (default: 4 on a CPU, the engine's max_batch, 8, on a GPU).")
 @click.option("--max-streams", type=click.IntRange(min=1), default=15, show_default=True,
               help="WebSocket streams open at once (more: refused with 503 / close 1013).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per engine (default: all).")

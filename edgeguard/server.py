@@ -98,6 +98,14 @@ class Metrics:
         self.latency.labels(endpoint).observe(seconds)
 
 
+def default_batch(guard) -> int:
+    """Gen conversations per decode when --max-batch is not given. On a CPU, check_many of 8
+    measured no faster than 8 checks (0.8x on the 0.6B shape, 2026-11-28) and 4 about even;
+    a GPU gains from the engine's full batch."""
+    on_gpu = getattr(getattr(guard, "device", None), "device", "cpu") == "gpu"
+    return guard.options.max_batch if on_gpu else min(4, guard.options.max_batch)
+
+
 class State:
     """What the handlers share: the guards, their workers, the config and the metrics."""
 
@@ -114,7 +122,7 @@ class State:
     def start(self) -> None:
         cfg = self.config
         if self.gen is not None:
-            batch = cfg.max_batch or self.gen.options.max_batch
+            batch = cfg.max_batch or default_batch(self.gen)
             self.gen_worker = GenWorker(self.gen, max_queue=cfg.max_queue, max_batch=batch)
             self.metrics.queue.labels("gen").set_function(lambda: self.gen_worker.depth)
         if self.stream is not None:
