@@ -42,7 +42,8 @@ def is_loopback(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: one the system picks)."""
+    """A socket bound to the address (port 0: one the system picks), not listening yet: a port
+    in use fails before the models load, and nobody connects before they have."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -50,8 +51,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -111,11 +110,13 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     if verbose:
         logging.getLogger("edgeguard").setLevel(logging.DEBUG)
     _access_log()
-    guards = _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams)
+    sock = bind(host, port)
+    guards = {}
     try:
+        guards = _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams)
         config = ServerConfig(api_key=api_key, max_body=max_body, max_queue=max_queue, max_batch=max_batch)
         app = create_app(guards.get("gen"), guards.get("stream"), config)
-        sock = bind(host, port)
+        sock.listen(128)
         shown = f"[{host}]" if ":" in host else host
         names = ", ".join(f"{kind}: {g.name}" for kind, g in guards.items())
         click.echo(f"edgeguard: serving on http://{shown}:{sock.getsockname()[1]} ({names})", err=True)
@@ -128,6 +129,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
             signal.signal(sig, lambda *_: None)
         server.run(sockets=[sock])
     finally:
+        sock.close()
         for guard in guards.values():
             guard.close()
     click.echo("edgeguard: stopped", err=True)

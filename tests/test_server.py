@@ -424,6 +424,20 @@ def test_refuses_non_loopback_without_key(gen_model, cache_env):
     assert "API key" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_port_in_use_exits_2(gen_model, cache_env):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "edgeguard", "serve", "--model", gen_model, "--port", str(port)],
+                              cwd=REPO_ROOT, env={**os.environ, **cache_env}, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_without_the_extra_exits_2(tmp_path, gen_model):
     # A folder first on the path whose uvicorn cannot be imported: what a base install looks like.
     shadow = tmp_path / "shadow" / "uvicorn"
