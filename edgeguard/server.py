@@ -245,6 +245,9 @@ async def moderations(request: Request) -> Response:
     if "input" not in data:
         raise HTTPError(400, "missing field 'input'", "missing_field")
     texts = server_openai.parse_inputs(data["input"])
+    if len(texts) > state.config.max_queue:
+        raise HTTPError(400, f"'input' has {len(texts)} items; this server takes at most {state.config.max_queue} "
+                             "per request (--max-queue)", "too_many_inputs")
     check_text(texts, "input")
     verdicts = await state.checks(guard, [(t,) for t in texts])
     return JSONResponse(server_openai.response(guard.name, verdicts))

@@ -308,6 +308,7 @@ def test_moderation_bad_requests_are_400(server):
     _error(server.post("/v1/moderations", {"input": []}), 400)
     _error(server.post("/v1/moderations", {"input": [1, 2]}), 400)
     _error(server.post("/v1/moderations", {"input": [{"type": "audio"}]}), 400)
+    _error(server.post("/v1/moderations", {"input": ["hi"] * 65}), 400, "too_many_inputs")  # > --max-queue 64
 
 
 def test_body_over_max_body_is_413(server):
