@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--train-fixtures", action="store_true",
                     help="train the tiny fixtures for the faithfulness section if their cache is stale")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--quants", default=None,
+                    help="comma-separated quants for the gen and stream sections (default: all built)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                     help="where edgeguard and the llama.cpp baselines run (gpu needs a CUDA build)")
     a = ap.parse_args()
@@ -80,7 +82,7 @@ def main() -> int:
     def gen():
         g = res["gen"] = {"inputs": [{k: v for k, v in it.items() if k in ("id", "kind")} for it in items],
                           "quants": {}, "transformers": {}}
-        for q in models.GEN_QUANTS:
+        for q in [q for q in models.GEN_QUANTS if not a.quants or q in a.quants.split(",")]:
             log(f"  gen {q}: edgeguard vs llama.cpp, {len(items)} inputs")
             g["quants"][q] = worker("gen_bench", "edgeguard_vs_llama",
                                     {"folder": paths["gen"], "quant": q, "threads": 2, "inputs": items,
@@ -99,7 +101,7 @@ def main() -> int:
     def stream():
         s = res["stream"] = {"runs": {}, "transformers": {}}
         n_tok = 16 if quick else 64
-        for q in models.STREAM_QUANTS:
+        for q in [q for q in models.STREAM_QUANTS if not a.quants or q in a.quants.split(",")]:
             log(f"  stream {q}: feed vs bare decode, {n_tok} tokens")
             s["runs"][f"{q}-t2"] = worker("stream_bench", "per_token",
                                           {"folder": paths["stream"], "plain": paths["plain"], "quant": q,

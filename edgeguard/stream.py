@@ -265,7 +265,8 @@ class StreamGuard(EngineStats):
                              f"got {size!r}")
         iterator = iter(items)
         while True:
-            chunk = [x if isinstance(x, tuple) else (x, None) for x in itertools.islice(iterator, size)]
+            chunk = [(x[0], x[1] if len(x) > 1 else None) if isinstance(x, tuple) else (x, None)
+                     for x in itertools.islice(iterator, size)]
             if not chunk:
                 return
             yield from self._check_chunk(chunk)

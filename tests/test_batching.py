@@ -193,9 +193,10 @@ def test_stream_feed_many_bad_input_changes_no_session(stream_folder):
 
 def test_stream_check_many_with_responses(stream_folder):
     with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
-        items = [(p, RESPONSE[: 40 + 10 * i]) for i, p in enumerate(PROMPTS)] + ["only a prompt"]
+        items = [(p, RESPONSE[: 40 + 10 * i]) for i, p in enumerate(PROMPTS)] + ["only a prompt", ("a 1-tuple",)]
         batched = list(g.check_many(items, batch_size=4))
         single = [g.check(*x) if isinstance(x, tuple) else g.check(x) for x in items]
+        assert batched[-1].response_tokens is None  # ("a 1-tuple",) is a prompt check
     for a, b in zip(batched, single):
         assert dict(a.scores) == pytest.approx(dict(b.scores), abs=TOL)
         assert (a.label, a.flagged_at, a.response_tokens) == (b.label, b.flagged_at, b.response_tokens)
