@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeguard.errors import ConversionError
+from edgeguard.formats import CHECKPOINT_FILES
 from edgeguard_convert.safetensors_reader import TensorRecord, read_checkpoint_tensors
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "gen", "Qwen3ForGuardModel": "stream"}
-REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+REQUIRED_FILES = CHECKPOINT_FILES
 # Stream head tensors: (name, rows key, cols key); "hidden" and "inner" are resolved below.
 HEAD_TENSORS = (
     ("risk_level_category_pre.weight", "inner", "hidden"),

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeguard.formats import HEADS_INPUT as INPUT, HEADS_OUTPUTS as OUTPUTS
 from edgeguard_convert.checkpoint import Checkpoint
 
-INPUT = "hidden_states"
 OPSET = 17
 # output name -> (pre, norm, risk/category head) tensor names in the checkpoint
 PATHS = {
@@ -26,7 +26,6 @@ PATHS = {
         "query_category_head",
     ),
 }
-OUTPUTS = ("response_risk", "response_category", "query_risk", "query_category")
 
 
 def _path_nodes(prefix: str, names: tuple[str, str, str, str]):

@@ -10,21 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgeguard.errors import ConversionError, UsageError
-
-# quant name -> llama_ftype value (llama.h)
-QUANTS = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q8_0": 7,
-    "q5_0": 8,
-    "q4_k_s": 14,
-    "q4_k_m": 15,
-    "q5_k_m": 17,
-    "q6_k": 18,
-    "bf16": 32,
-}
-DEFAULT_QUANTS = ("f16", "q8_0", "q4_k_m")
+from edgeguard.formats import DEFAULT_QUANTS, QUANT_FTYPES as QUANTS  # noqa: F401 (re-exported)
 
 
 def parse_quants(text: str | None) -> tuple[str, ...]:

@@ -16,9 +16,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+from edgeguard.formats import HEADS_INPUT as INPUT, HEADS_OUTPUTS as OUTPUTS
 
-INPUT = "hidden_states"
-OUTPUTS = ("response_risk", "response_category", "query_risk", "query_category")
 _ORT_LOG_ERROR = 3
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeguard.errors import IntegrityError, ModelError
+from edgeguard.formats import CHECKPOINT_FILES
 from edgeguard.registry import ModelSpec
 
 logger = logging.getLogger("edgeguard.hub")
@@ -110,7 +111,7 @@ def download_repo(
 
 CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
                        "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
-REQUIRED_CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+REQUIRED_CHECKPOINT_FILES = CHECKPOINT_FILES
 
 
 def verify_checkpoint(spec: ModelSpec, folder: str | os.PathLike[str]) -> None:

@@ -7,6 +7,7 @@ from typing import Callable
 
 from edgeguard import registry, store
 from edgeguard.errors import ModelError, UsageError
+from edgeguard.formats import LOAD_PREFERENCE
 from edgeguard.manifest import MANIFEST_NAME, Manifest
 
 Progress = Callable[[str], None]
@@ -49,7 +50,7 @@ def _from_registry(spec, quant, offline, progress):
 
 def _pick_quant(manifest: Manifest, quant: str | None) -> str:
     if quant is None:
-        for preferred in ("q4_k_m", "q8_0", "f16", "bf16"):
+        for preferred in LOAD_PREFERENCE:
             if preferred in manifest.quants:
                 return preferred
         return manifest.quants[0]

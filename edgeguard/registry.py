@@ -17,12 +17,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 from edgeguard.errors import UsageError
+from edgeguard.formats import CHECKPOINT_FILES as REQUIRED_FILES, QUANTS
 
 from edgeguard.tomlfile import read_toml
 
 KINDS = ("gen", "stream")
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
-REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_MODELS = {"gen": "gen-0.6b", "stream": "stream-0.6b"}
 ENV_MODELS = "EDGEGUARD_MODELS"
 
