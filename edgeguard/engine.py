@@ -185,7 +185,8 @@ class Engine:
             if not self.backend.restore(state, n_past, seq):
                 keys = self._held[seq]
                 self._held[seq] = []
-                log.warning("could not move sequence %d (%d tokens) to the larger context", seq, len(keys))
+                log.warning("could not move sequence %d (%d tokens) to the larger context; its owner "
+                            "recomputes it or reports it lost", seq, len(keys))
         self.timings.context_growths += 1
 
     def decode(self, inputs: Mapping[int, tuple[Sequence[int], object]],

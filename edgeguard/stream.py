@@ -231,6 +231,9 @@ class StreamGuard(EngineStats):
                 if not isinstance(session, StreamSession) or session._guard is not self:
                     raise UsageError("feed_many takes sessions of this guard")
                 session._live()
+                if len(engine.held(session._seq)) != session._n_prompt + len(session._tokens):
+                    raise RuntimeFailure("this session's cache was lost (the context could not be moved "
+                                         "when it grew); open a new session")
                 ids[session] = self._ids(tokens)
             ids = {s: t for s, t in ids.items() if t}
             if not ids:
