@@ -134,7 +134,7 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert "tmp" not in hub.cache_dir().parts[:2]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Linux (XDG) rules")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the Linux (XDG) cache-folder rules; other platforms have their own")
 def test_cache_dir_follows_xdg_on_linux(monkeypatch, tmp_path):
     monkeypatch.delenv("EDGEGUARD_CACHE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

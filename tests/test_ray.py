@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-ray = pytest.importorskip("ray")
-pq = pytest.importorskip("pyarrow.parquet")
-pa = pytest.importorskip("pyarrow")
+ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'edgeguard[ray]'")
+pq = pytest.importorskip("pyarrow.parquet", reason="needs the ray extra: pip install 'edgeguard[ray]'")
+pa = pytest.importorskip("pyarrow", reason="needs the ray extra: pip install 'edgeguard[ray]'")
 
 import edgeguard.ray as eg_ray  # noqa: E402
 from edgeguard.errors import UsageError  # noqa: E402

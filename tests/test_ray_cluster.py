@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-ray = pytest.importorskip("ray")
-cluster_utils = pytest.importorskip("ray.cluster_utils")
+ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'edgeguard[ray]'")
+cluster_utils = pytest.importorskip("ray.cluster_utils", reason="needs the ray extra: pip install 'edgeguard[ray]'")
 
 from tests.fixtures.converted import converted  # noqa: E402
 from tests.fixtures.ray_data import ROWS, rows, scan  # noqa: E402
