@@ -267,7 +267,7 @@ def plain_checkpoint(log=print) -> Path:
     return _cached(cache_root() / f"ckpt-plain-0.6b-v{VERSION}", build)
 
 
-def _converted(ckpt: Path, name: str, quants: tuple[str, ...], log) -> Path:
+def _converted(ckpt: Path, name: str, quants: tuple[str, ...], log, default: tuple[str, ...]) -> Path:
     from edgeguard_convert import ConvertOptions, convert
 
     def build(tmp: Path) -> None:
@@ -278,19 +278,29 @@ def _converted(ckpt: Path, name: str, quants: tuple[str, ...], log) -> Path:
             os.rename(p, tmp / p.name)
         out.rmdir()
         log(f"  converted {name} to {', '.join(quants)} in {time.perf_counter() - t0:.1f} s")
-    return _cached(cache_root() / f"converted-{name}-v{VERSION}", build)
+    subset = "" if tuple(quants) == tuple(default) else "-" + "-".join(quants)
+    return _cached(cache_root() / f"converted-{name}-v{VERSION}{subset}", build)
 
 
-def gen_model(log=print) -> Path:
-    return _converted(gen_checkpoint(log), "qwen3guard-gen-0.6b-random", GEN_QUANTS, log)
+def _pick(default: tuple[str, ...], only: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The default quants, or those of them named in ``only`` (q4_k_m when none is)."""
+    if not only:
+        return default
+    return tuple(q for q in default if q in only) or ("q4_k_m",)
 
 
-def stream_model(log=print) -> Path:
-    return _converted(stream_checkpoint(log), "qwen3guard-stream-0.6b-random", STREAM_QUANTS, log)
+def gen_model(log=print, only: tuple[str, ...] | None = None) -> Path:
+    return _converted(gen_checkpoint(log), "qwen3guard-gen-0.6b-random", _pick(GEN_QUANTS, only), log, GEN_QUANTS)
 
 
-def plain_model(log=print) -> Path:
-    return _converted(plain_checkpoint(log), "qwen3-0.6b-plain-random", STREAM_QUANTS, log)
+def stream_model(log=print, only: tuple[str, ...] | None = None) -> Path:
+    return _converted(stream_checkpoint(log), "qwen3guard-stream-0.6b-random", _pick(STREAM_QUANTS, only), log,
+                      STREAM_QUANTS)
+
+
+def plain_model(log=print, only: tuple[str, ...] | None = None) -> Path:
+    return _converted(plain_checkpoint(log), "qwen3-0.6b-plain-random", _pick(STREAM_QUANTS, only), log,
+                      STREAM_QUANTS)
 
 
 def gguf_path(folder: Path, quant: str, role: str = "model") -> Path:
@@ -301,12 +311,18 @@ def gguf_path(folder: Path, quant: str, role: str = "model") -> Path:
     raise FileNotFoundError(f"no {role} {quant} file in {folder}")
 
 
-def all_models(log=print) -> dict[str, str]:
-    return {"gen": str(gen_model(log)), "stream": str(stream_model(log)), "plain": str(plain_model(log)),
+def all_models(log=print, only: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Every benchmark model; ``only`` limits the converted quants (a smaller, separate cache)."""
+    return {"gen": str(gen_model(log, only)), "stream": str(stream_model(log, only)),
+            "plain": str(plain_model(log, only)),
             "gen_ckpt": str(gen_checkpoint(log)), "stream_ckpt": str(stream_checkpoint(log))}
 
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    print(json.dumps(all_models(), indent=2))
+    if sys.argv[1:] == ["--checkpoints"]:  # numpy only: no llama.cpp needed (e.g. while it builds)
+        print(json.dumps({"gen_ckpt": str(gen_checkpoint()), "plain_ckpt": str(plain_checkpoint())}, indent=2))
+    else:
+        print(json.dumps(all_models(only=tuple(sys.argv[2].split(",")) if sys.argv[1:2] == ["--quants"] else None),
+                         indent=2))
     print(f"models ready in {time.perf_counter() - t0:.1f} s")

@@ -49,13 +49,14 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     res: dict = {"quick": quick, "command": "python bench/run.py" + (" --quick" if quick else "")
-                 + (f" --only {a.only}" if a.only != ",".join(SECTIONS) else ""),
+                 + (f" --only {a.only}" if a.only != ",".join(SECTIONS) else "")
+                 + (f" --quants {a.quants}" if a.quants else "") + (" --device gpu" if a.device == "gpu" else ""),
                  "machine": machine_info(), "errors": [], "sections_s": {}, "loadavg": {},
                  "device": a.device}
 
     log("models (cached after the first run)")
     t0 = time.perf_counter()
-    paths = models.all_models(log=log)
+    paths = models.all_models(log=log, only=tuple(a.quants.split(",")) if a.quants else None)
     res["models_s"] = time.perf_counter() - t0
     res["models"] = paths
 
@@ -90,6 +91,8 @@ def main() -> int:
         toks = worker("gen_bench", "tokens", {"folder": paths["gen"], "quant": "q4_k_m", "inputs": items, "tag": "t"})
         subsets = {"bf16": ["short0", "short1", "medium0", "long0", "response0"] if not quick else ["short0", "medium0"],
                    "fp32": ["short0", "medium0", "response0"] if not quick else ["short0"]}
+        if a.device == "gpu":  # transformers baselines are CPU-only here: skip them on a GPU run
+            subsets = {}
         for dtype, ids in subsets.items():
             sub = [i for i, it in enumerate(items) if it["id"] in ids]
             log(f"  gen transformers {dtype}: {len(sub)} inputs")
@@ -108,7 +111,7 @@ def main() -> int:
                                            "threads": 2, "n_tokens": n_tok, "backlog": 16,
                                            "backlog_reps": 2 if quick else 3, "check_reps": 1 if quick else 3,
                                            "tag": q, "device": a.device}, timeout=600)
-        for dtype, n in (("bf16", 8 if quick else 24), ("fp32", 6 if quick else 16)):
+        for dtype, n in (("bf16", 8 if quick else 24), ("fp32", 6 if quick else 16)) if a.device == "cpu" else ():
             log(f"  stream transformers {dtype}: {n} tokens")
             s["transformers"][dtype] = worker("stream_bench", "transformers",
                                               {"ckpt": paths["stream_ckpt"], "dtype": dtype, "threads": 2,
