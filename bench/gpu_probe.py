@@ -78,6 +78,17 @@ RAW = {
                                            "g = edgeguard.load({gen!r}, 'q4_k_m', device='gpu')\n"
                                            "print(g.check({prompt!r}).label, flush=True)\nlibs('after')", {}),
 }
+# One library at a time, loaded before onnxruntime or torch: which one makes the later import crash.
+_LIB_FIRST = {"libgomp": "'libgomp.so.1'", "libcuda": "'libcuda.so.1'", "libcudart": "'libcudart.so.13'",
+              "libcublas": "'libcublas.so.13'", "libggml-base": "LIB + '/libggml-base.so'",
+              "libggml-cpu": "LIB + '/libggml-cpu.so'", "libggml-cuda": "LIB + '/libggml-cuda.so'"}
+for _lib, _path in _LIB_FIRST.items():
+    for _then, _code in (("onnxruntime", "import onnxruntime\nonnxruntime.InferenceSession({onnx!r})"),
+                         ("torch", "import torch\ntorch.zeros(2).sum()")):
+        RAW[f"{_lib}_then_{_then}"] = (
+            "import ctypes, os, importlib.util\n"
+            "LIB = os.path.join(os.path.dirname(importlib.util.find_spec('llama_cpp').origin), 'lib')\n"
+            f"ctypes.CDLL({_path})\nlibs('before')\n{_code}\nlibs('after')", {})
 
 IMPORTS = {"edgeguard": "import edgeguard", "onnxruntime": "import onnxruntime",
            "torch": "import torch", "llama_cpp": "import llama_cpp"}
@@ -85,6 +96,7 @@ IMPORTS = {"edgeguard": "import edgeguard", "onnxruntime": "import onnxruntime",
 
 def run_child(script: str, env_changes: dict, timeout: int = 240) -> dict:
     env = dict(os.environ)
+    env.setdefault("EDGEGUARD_CACHE_DIR", "/tmp/edgeguard-probe-cache")
     for k, v in env_changes.items():
         if v is None:
             env.pop(k, None)
@@ -123,7 +135,7 @@ def main() -> int:
     onnx = str(next(Path(stream).glob("*.onnx")))
     res: dict = {"env": {k: os.environ.get(k) for k in ("LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES")}}
     info = run_child(LIBS + textwrap.dedent("""
-        import json, llama_cpp, onnxruntime
+        import json, onnxruntime, llama_cpp
         out = {"llama_cpp": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
                "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers()}
         try:

@@ -11,6 +11,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export EDGEGUARD_CACHE_DIR=${EDGEGUARD_CACHE_DIR:-/tmp/edgeguard-cache}
 export EDGEGUARD_TEST_CACHE=${EDGEGUARD_TEST_CACHE:-/tmp/edgeguard-test-cache}
 export EDGEGUARD_BENCH_CACHE=${EDGEGUARD_BENCH_CACHE:-/tmp/edgeguard-bench-cache}
 t0=$(date +%s)
