@@ -75,7 +75,7 @@ def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None
 def gather(device: str = "auto", self_test: bool = True) -> dict:
     """The whole report as plain JSON types; ``report["healthy"]`` says whether all is well."""
     from edgeguard import backend, hub
-    from edgeguard.kernels import amx_allowed, choose_device, plan_kernels
+    from edgeguard.kernels import amx_allowed, arm_note, choose_device, plan_kernels
 
     info = backend.system_info()
     report: dict = {
@@ -106,6 +106,8 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
         "plan": "llama.cpp default" if plan.extra_bufts else "CPU_REPACK by name, AMX off",
         "why": plan.reason,
     }
+    if note := arm_note(info):
+        notes.append(note)
     healthy = choice is not None
     if self_test and choice is not None:
         with tempfile.TemporaryDirectory(prefix="edgeguard-doctor-") as tmp:

@@ -39,6 +39,10 @@ _X86_REPACK = {
     "Q2_K": ("AVX512", 8),
 }
 
+# ggml types that llama.cpp 0.3.36's CPU_REPACK takes on an ARM core with dot product (same
+# function; i8mm only picks wider layouts): a Raspberry Pi 5's Cortex-A76, not a Pi 4's A72.
+_ARM_REPACK = "Q4_0, Q4_K, Q5_K, Q6_K, Q8_0, IQ4_NL"
+
 GCC_NOTE = ("llama.cpp's AMX kernels crash when llama-cpp-python is compiled with GCC 11/12 "
             "(llama.cpp issue 20824)")
 
@@ -153,6 +157,17 @@ def plan_kernels(info: SystemInfo, tensors: Iterable[TensorInfo], *, repack: boo
         return KernelPlan(False, (), f"weights on the GPU; CPU extra buffer types off ({GCC_NOTE})")
     chosen = tuple(t.name for t in tensors if repackable(t, info))
     return KernelPlan(False, chosen, f"AMX avoided: {GCC_NOTE}; AVX2/AVX-512 repacked kernels kept")
+
+
+def arm_note(info: SystemInfo) -> str | None:
+    """On ARM: which weights llama.cpp repacks for this CPU, and the quant to use there."""
+    if info.arch != "arm":
+        return None
+    if not (info.cpu_has("DOTPROD") or info.cpu_has("MATMUL_INT8")):
+        return ("ARM without dot product (a Raspberry Pi 4, or a build without +dotprod): llama.cpp "
+                "repacks no weights; q4_k_m (the default) runs on its plain NEON kernels")
+    return (f"ARM with dot product: llama.cpp repacks {_ARM_REPACK} weights, so q4_k_m (the "
+            "default) and q4_0 both run on its repacked kernels; q4_k_m is the closer to F16")
 
 
 @dataclass(frozen=True)

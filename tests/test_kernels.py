@@ -12,6 +12,7 @@ from edgeguard.kernels import (
     SystemInfo,
     TensorInfo,
     amx_allowed,
+    arm_note,
     choose_device,
     choose_flash_attn,
     plan_kernels,
@@ -22,7 +23,11 @@ X86 = ("SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 
        "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | ")
 INTEL_AMX = f"CPU : {X86}AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
 AMD = f"CPU : {X86}LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+# Captured by scripts/arm64-check.sh: llama.cpp 0.3.36 cross-built for a Pi 5
+# (armv8.2-a+dotprod+fp16), llama_print_system_info() under qemu's Cortex-A76.
 PI5 = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | REPACK = 1 | "
+# A Pi 4 (Cortex-A72, armv8.0-a): no dot product, no fp16 arithmetic.
+PI4 = "CPU : NEON = 1 | ARM_FMA = 1 | LLAMAFILE = 1 | REPACK = 1 | "
 CUDA_AMX = "CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | " + INTEL_AMX
 AVX2_ONLY = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AMX_INT8 = 1 | REPACK = 1 | "
 
@@ -143,3 +148,25 @@ def test_memory_plan_picks_kv_type_and_cap():
     assert asked.kv_type == "f16" and asked.max_tokens == int(400 * 2**20 / (values * 2))
     with pytest.raises(UsageError, match="raise max_memory_mb"):
         plan_memory(500, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
+
+
+def test_arm_system_info_from_the_arm64_check():
+    for text in (PI5, PI5.rstrip(" |"), PI4):
+        info = SystemInfo.parse(text)
+        assert info.arch == "arm" and not info.amx and not info.cpu_has("AVX2")
+        plan = plan_kernels(info, q4_k_m_tensors(), repack=True, on_gpu=False)
+        assert (plan.extra_bufts, plan.repack_tensors) == (True, ())  # llama.cpp picks its ARM layouts
+    pi5 = SystemInfo.parse(PI5)
+    assert pi5.cpu_has("DOTPROD") and pi5.cpu_has("FP16_VA") and not pi5.cpu_has("MATMUL_INT8")
+    assert pi5.backends == {"CPU": {"NEON": "1", "ARM_FMA": "1", "FP16_VA": "1", "DOTPROD": "1",
+                                    "LLAMAFILE": "1", "REPACK": "1"}}
+    assert not SystemInfo.parse(PI4).cpu_has("DOTPROD")
+
+
+def test_arm_note_names_the_repacked_quants():
+    pi5 = arm_note(SystemInfo.parse(PI5))
+    assert "Q4_0" in pi5 and "Q4_K" in pi5 and "q4_k_m" in pi5 and "repacks no" not in pi5
+    i8mm = arm_note(SystemInfo.parse(PI5.replace("DOTPROD = 1", "DOTPROD = 1 | MATMUL_INT8 = 1")))
+    assert i8mm == pi5
+    assert "repacks no weights" in arm_note(SystemInfo.parse(PI4))
+    assert arm_note(SystemInfo.parse(AMD)) is None and arm_note(SystemInfo.parse(INTEL_AMX)) is None
