@@ -124,9 +124,10 @@ def main() -> int:
                                                  "n": 16 if quick else 64, "rounds": 1 if quick else 2,
                                                  "device": a.device, "tag": "gen"}, timeout=900)
         log("  batch: stream, 8 sessions of 512 tokens, one token each per step vs one session")
-        b["stream"] = worker("batch_bench", "stream", {"folder": paths["stream"], "quant": "q4_k_m", "threads": 2,
-                                                       "steps": 8 if quick else 24, "device": a.device,
-                                                       "tag": "stream"}, timeout=900)
+        for key, fa in (("stream", None), ("stream_fa_on", True), ("stream_fa_off", False)):
+            b[key] = worker("batch_bench", "stream", {"folder": paths["stream"], "quant": "q4_k_m", "threads": 2,
+                                                      "steps": 8 if quick else 24, "device": a.device,
+                                                      "flash_attn": fa, "tag": key}, timeout=900)
 
     def threads():
         th = res["threads"] = {"runs": {}}

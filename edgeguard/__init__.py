@@ -8,6 +8,7 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from edgeguard import native_order as _native_order
 from edgeguard.errors import EdgeguardError, InputTooLong, ModelError, UsageError
 from edgeguard.verdict import StreamState, TokenVerdict, Verdict
 
@@ -23,6 +24,9 @@ __all__ = [
     "guard_stream",
     "load",
 ]
+if _native_order.llama_is_cuda_build():  # onnxruntime must load before a CUDA llama.cpp
+    _native_order.load_onnxruntime_first()
+
 try:
     __version__ = _version("edgeguard")  # one source: pyproject.toml, through the package metadata
 except PackageNotFoundError:  # a source tree on sys.path that was never installed

@@ -1,9 +1,10 @@
 """The Stream classification heads (ONNX) through onnxruntime.
 
-The only module of edgeguard that imports ``onnxruntime``. The heads are four small matrix
-products per token, so the session runs single-threaded by default: on a 2-core CPU one thread
-is the fastest for one token and as fast as two for a backlog of tokens, and it leaves the
-other core to llama.cpp.
+The only module of edgeguard that runs ``onnxruntime`` (imported through
+``edgeguard.native_order``, which refuses where the import would crash the process). The heads
+are four small matrix products per token, so the session runs single-threaded by default: on a
+2-core CPU one thread is the fastest for one token and as fast as two for a backlog of tokens,
+and it leaves the other core to llama.cpp.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from edgeguard import native_order
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from edgeguard.formats import HEADS_INPUT as INPUT, HEADS_OUTPUTS as OUTPUTS
 
@@ -44,6 +45,7 @@ class Heads:
         threads = 1 if threads is None else threads
         if threads < 1:
             raise UsageError(f"heads threads must be positive, got {threads}")
+        ort = native_order.onnxruntime()
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
         if missing or not providers:

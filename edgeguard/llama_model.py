@@ -14,17 +14,14 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-try:
-    # On a CUDA build of llama.cpp, importing onnxruntime after llama.cpp's CUDA libraries were
-    # loaded segfaulted inside onnxruntime's import (H200, CUDA 13); the other order works. So
-    # onnxruntime, when installed, is always loaded first, whatever order the app imports in.
-    import onnxruntime  # noqa: F401
-except ImportError:
-    pass
-import llama_cpp
+from edgeguard import native_order
 
-from edgeguard import kernels
-from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+# onnxruntime before llama.cpp's libraries: the other order crashes on CUDA builds (native_order).
+native_order.load_onnxruntime_first()
+import llama_cpp  # noqa: E402
+
+from edgeguard import kernels  # noqa: E402
+from edgeguard.errors import ModelError, RuntimeFailure, UsageError  # noqa: E402
 from edgeguard.kernels import KernelPlan, SystemInfo, TensorInfo, amx_allowed, plan_kernels
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)

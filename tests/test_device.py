@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,27 +116,36 @@ def reference_scores(gen_ckpt, stream_ckpt, tmp_path_factory):
     return out
 
 
+def scores_after_imports(order, engines, device: str, cache: Path) -> dict:
+    """In a fresh process: import in ``order``, then load each engine on ``device`` and check
+    PROMPT; the scores by engine (asserting that the process neither crashed nor failed)."""
+    script = "\n".join(IMPORTS[name] for name in order) + textwrap.dedent(f"""
+        import json, edgeguard
+        out = {{}}
+        for model in {engines!r}:
+            with edgeguard.load(model, "q4_k_m", device={device!r}) as guard:
+                out[guard.engine] = dict(guard.check({PROMPT!r}).scores)
+        print(json.dumps(out))
+    """)
+    env = {"EDGEGUARD_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
+    for name in ("LD_LIBRARY_PATH", "PYTHONPATH", "CUDA_VISIBLE_DEVICES"):  # where a CUDA build needs them
+        if name in os.environ:
+            env[name] = os.environ[name]
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(scores) == {"gen", "stream"}
+    return scores
+
+
 @pytest.mark.parametrize("index", range(len(ORDERS)), ids=["-".join(o) for o in ORDERS])
 def test_any_import_order_then_both_engines(index, gen_ckpt, stream_ckpt, reference_scores, tmp_path):
     """Every import order of edgeguard, onnxruntime, torch and llama_cpp, then Gen and Stream
     loaded (alternately one or the other first) in one fresh process: no crash, and the same
     scores as in this process (within 1e-5)."""
-    order = ORDERS[index]
     gen, stream = str(converted(gen_ckpt)), str(converted(stream_ckpt))
     engines = [gen, stream] if index % 2 else [stream, gen]
-    script = "\n".join(IMPORTS[name] for name in order) + textwrap.dedent(f"""
-        import json, edgeguard
-        out = {{}}
-        for model in {engines!r}:
-            with edgeguard.load(model, "q4_k_m", device="cpu") as guard:
-                out[guard.engine] = dict(guard.check({PROMPT!r}).scores)
-        print(json.dumps(out))
-    """)
-    env = {"EDGEGUARD_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    scores = json.loads(proc.stdout)
-    assert set(scores) == {"gen", "stream"}
+    scores = scores_after_imports(ORDERS[index], engines, "cpu", tmp_path)
     for engine, expected in reference_scores.items():
         assert scores[engine] == pytest.approx(expected, abs=1e-5)

@@ -12,6 +12,7 @@ import pytest
 import edgeguard
 from edgeguard.backend import gpu_offload_supported
 from tests.fixtures.converted import converted
+from tests.test_device import ORDERS, PROMPT, scores_after_imports
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,3 +45,18 @@ def test_gpu_stream_sessions_match_cpu(stream_ckpt):
                 scores[device] = [v.scores for s in (a, b) for v in out[s]]
     for cpu, gpu in zip(scores["cpu"], scores["gpu"]):
         assert dict(gpu) == pytest.approx(dict(cpu), abs=TOL)
+
+
+# On a CUDA build, importing onnxruntime or torch after llama_cpp crashes the process (H200,
+# bench/results/gpu-h200.md); edgeguard loads onnxruntime first whenever it is imported, or
+# loads a model, before llama_cpp. These are the orders where that is in edgeguard's hands.
+SAFE_ORDERS = [o for o in ORDERS if o.index("llama_cpp") > min(o.index("edgeguard"), o.index("onnxruntime"))]
+
+
+@pytest.mark.parametrize("order", SAFE_ORDERS, ids=["-".join(o) for o in SAFE_ORDERS])
+def test_gpu_import_orders(order, gen_ckpt, stream_ckpt, tmp_path):
+    gen, stream = str(converted(gen_ckpt)), str(converted(stream_ckpt))
+    scores = scores_after_imports(order, [gen, stream], "gpu", tmp_path)
+    for folder in (gen, stream):
+        with edgeguard.load(folder, "q4_k_m", device="cpu") as guard:
+            assert scores[guard.engine] == pytest.approx(dict(guard.check(PROMPT).scores), abs=TOL)
