@@ -44,6 +44,70 @@ MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ in llama.cpp 0.3.36
 log = logging.getLogger("edgeguard.backend")
 
 
+def flip_v_layout(state: bytes) -> bytes:
+    """A sequence state (``llama_state_seq_get_data``) with its V cache in the other layout.
+
+    llama.cpp keeps V transposed (element-major) without flash attention and cell-major with it,
+    and refuses a state of the other layout. The format (llama-kv-cache.cpp, 0.3.36): n_stream;
+    per stream cell_count, per cell (pos, n_seq_id, seq ids), then v_trans, n_layer, per layer K
+    (type, row size, rows), then per layer V: (type, row size, rows) when not transposed, else
+    (type, element size, n_embd_v, n_embd_v rows of cell_count elements). F16 V only (a q8_0
+    cache always runs with flash attention)."""
+    buf = memoryview(state)
+    out = bytearray()
+    off = 0
+
+    def take(n: int) -> memoryview:
+        nonlocal off
+        if off + n > len(buf):
+            raise RuntimeFailure("a sequence state is shorter than its own header says")
+        piece = buf[off:off + n]
+        off += n
+        return piece
+
+    def u32() -> int:
+        piece = take(4)
+        out.extend(piece)
+        return int.from_bytes(piece, "little")
+
+    u32()  # llama.cpp's state magic
+    u32()  # the sequence id it was saved from
+    for _ in range(u32()):  # streams
+        cells = u32()
+        if cells == 0:
+            continue
+        for _ in range(cells):
+            out.extend(take(4))  # pos
+            out.extend(take(4 * u32()))  # seq ids
+        trans_at = len(out)
+        trans = u32()
+        n_layer = u32()
+        out[trans_at:trans_at + 4] = (1 - trans).to_bytes(4, "little")
+        for _ in range(n_layer):  # K: unchanged
+            out.extend(take(4))
+            row = int.from_bytes(take(8), "little")
+            out.extend(row.to_bytes(8, "little"))
+            out.extend(take(cells * row))
+        for _ in range(n_layer):
+            v_type = int.from_bytes(take(4), "little")
+            if v_type != llama_cpp.GGML_TYPE_F16:
+                raise RuntimeFailure(f"cannot change the V layout of a cache of ggml type {v_type}")
+            if trans:
+                el = int.from_bytes(take(4), "little")
+                n_embd = int.from_bytes(take(4), "little")
+                v = np.frombuffer(take(n_embd * cells * el), np.float16).reshape(n_embd, cells)
+                out.extend(v_type.to_bytes(4, "little") + (n_embd * el).to_bytes(8, "little"))
+            else:
+                row = int.from_bytes(take(8), "little")
+                n_embd = row // 2
+                v = np.frombuffer(take(cells * row), np.float16).reshape(cells, n_embd)
+                out.extend(v_type.to_bytes(4, "little") + (2).to_bytes(4, "little") + n_embd.to_bytes(4, "little"))
+            out.extend(np.ascontiguousarray(v.T).tobytes())
+    if off != len(buf):
+        raise RuntimeFailure("a sequence state has bytes after its last stream")
+    return bytes(out)
+
+
 class _Batch:
     """A reusable llama_batch (token ids or input-embedding rows) with numpy views on it."""
 
@@ -347,14 +411,26 @@ class Backend:
         self.truncate(0, seq)
         if n_past == 0:
             return True
-        src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        ok = llama_cpp.llama_state_seq_set_data(ctx, src, len(state), seq) != 0
+        ok = self._set_state(ctx, state, seq)
+        if not ok and self.kv_type == "f16":  # saved with the other attention kind: V's layout differs
+            try:
+                ok = self._set_state(ctx, flip_v_layout(state), seq)
+            except RuntimeFailure as e:
+                log.warning("cannot convert a sequence state: %s", e)
         ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, seq) == n_past - 1
         if not ok:
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
             return False
         self.n_past[seq] = n_past
         return True
+
+    def _set_state(self, ctx, state: bytes, seq: int) -> bool:
+        src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        native_error[0] = ""
+        if llama_cpp.llama_state_seq_set_data(ctx, src, len(state), seq) != 0:
+            return True
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        return False
 
     # -- persisted prefixes --------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, object]:

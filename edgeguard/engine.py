@@ -59,7 +59,7 @@ class Timings:
     tokens_decoded: int = 0
     decode_ms: float = 0.0
     heads_ms: float = 0.0  # Stream: the ONNX classification heads
-    context_growths: int = 0
+    context_growths: int = 0  # context rebuilds: larger, or flash attention turned on
 
     def snapshot(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -74,6 +74,7 @@ class Defaults:
     flash_attn: bool | None
     initial_ctx: int
     batch: int = 256  # tokens per llama.cpp decode: bounds the compute buffer
+    crowd_flash: bool = False  # flash attention by default once several sequences hold tokens
 
 
 class Engine:
@@ -88,6 +89,7 @@ class Engine:
         self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
         self.kv_type = options.kv_type or defaults.kv_type
         self.repack = defaults.repack if options.repack is None else options.repack
+        self.defaults = defaults
         self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
                                             self.kv_type)
         self.batch = defaults.batch
@@ -158,11 +160,25 @@ class Engine:
         self._held[dst] = self._held[src][:n]
 
     # -- context ---------------------------------------------------------------------------------
-    def ensure_room(self, new_tokens: int, what: str) -> None:
+    def _flash_for(self, seqs: Sequence[int]) -> bool:
+        """The flash-attention setting for the sequences holding tokens once ``seqs`` are fed."""
+        holding = {s for s in range(self.n_seq) if self.backend.n_past[s]} | set(seqs)
+        return choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn, self.device.device,
+                                 self.kv_type, crowded=self.defaults.crowd_flash and len(holding) > 1)
+
+    def ensure_room(self, new_tokens: int, what: str, seqs: Sequence[int] = ()) -> None:
         """Make room for ``new_tokens`` more cached positions, growing the context up to the
-        model's limit; beyond it an InputTooLong with the counts (never a truncation)."""
+        model's limit; beyond it an InputTooLong with the counts (never a truncation).
+
+        With ``crowd_flash``, flash attention is turned on (the context rebuilt, its sequences
+        copied over) as soon as ``seqs`` make a second sequence hold tokens; it goes back off
+        only when the context grows anyway, so sessions coming and going never make it flap."""
         needed = self.backend.cached + new_tokens
+        flash = self._flash_for(seqs)
         if needed <= self.backend.n_ctx:
+            if flash and not self.flash_attn:
+                self.flash_attn = True
+                self._grow(self.backend.n_ctx)
             return
         limit = min(self.max_ctx, self.max_cached)
         if needed > limit:
@@ -171,12 +187,14 @@ class Engine:
                 f"the {limit} this guard allows; shorten the text, roll back, close sessions or raise "
                 "n_ctx / max_cached_tokens / max_memory_mb (edgeguard never truncates silently)")
         size = min(limit, max(2 * self.backend.n_ctx, 1 << (needed - 1).bit_length()))
+        self.flash_attn = flash
         self._grow(size)
 
     def _grow(self, size: int) -> None:
         """Move every sequence into a larger context. The old context is freed sequence by
         sequence as soon as its state is copied out, so peak memory stays near the new size."""
-        log.info("growing the context from %d to %d tokens", self.backend.n_ctx, size)
+        log.info("moving the context from %d to %d tokens (flash attention %s)", self.backend.n_ctx, size,
+                 "on" if self.flash_attn else "off")
         old = self.backend
         states = {seq: (old.state(seq), old.n_past[seq]) for seq in range(self.n_seq) if old.n_past[seq]}
         old.close()
@@ -197,7 +215,7 @@ class Engine:
         are what the sequence is recorded to hold. Returns ``{seq: outputs}``.
         """
         total = sum(len(keys) for keys, _ in inputs.values())
-        self.ensure_room(total, what)
+        self.ensure_room(total, what, list(inputs))
         t0 = time.perf_counter()
         result = self.backend.decode({seq: values for seq, (_, values) in inputs.items()}, outputs)
         self.timings.decode_ms += (time.perf_counter() - t0) * 1e3
@@ -239,6 +257,12 @@ class EngineStats:
     def cached_tokens(self) -> int:
         """KV cells in use now, over all sequences (a shared template head counts once)."""
         return self._engine.backend.cached
+
+    @property
+    def flash_attn(self) -> bool:
+        """Whether llama.cpp's flash attention is on now (on a CPU, Stream turns it on once two
+        sessions hold tokens: ``kernels.choose_flash_attn``)."""
+        return bool(self._engine.flash_attn)
 
     @property
     def kv_type(self) -> str:

@@ -193,16 +193,19 @@ def choose_device(requested: str, *, gpu_offload: bool, n_gpu_layers: int | None
     return DeviceChoice(layers, "gpu" if layers else "cpu", "llama.cpp reports GPU offload support")
 
 
-def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_type: str) -> bool:
+def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_type: str,
+                      crowded: bool = False) -> bool:
     """Flash attention: as asked; else the engine's default; else on for a GPU and for a q8_0
-    KV cache (llama.cpp needs it there), and off on a CPU, where llama.cpp's flash-attention
-    decode grows slower than plain attention with the context (1.9x slower at 7,000 cached
-    tokens on an Intel Xeon, about equal at 100)."""
+    KV cache (llama.cpp needs it there), and on a CPU off for one sequence, where llama.cpp's
+    flash-attention decode grows slower than plain attention with the context (1.9x slower at
+    7,000 cached tokens on an Intel Xeon, about equal at 100), but on when ``crowded``: several
+    sequences in one unified cache, where plain attention computes every token against every
+    sequence's cells and flash attention skips the cells masked out."""
     if asked is not None:
         return asked
     if default is not None:
         return default
-    return device == "gpu" or kv_type != "f16"
+    return device == "gpu" or kv_type != "f16" or crowded
 
 
 KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # bytes per cached value (q8_0: 32 values in 34 bytes)

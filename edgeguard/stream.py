@@ -35,10 +35,11 @@ IM_END = "<|im_end|>"
 _PROBE = "\ue000edgeguard-response\ue001"
 # Per-token speed is what Stream is for: repacked weights and an f16 KV cache make a decode
 # step fastest (a q8_0 cache saves memory but costs ~15% a step); flash attention follows the
-# device (``Engine._flash_attn``). The KV cache is allocated up front (~112 KiB per token for
+# device and, on a CPU, turns on once two sessions hold tokens (``kernels.choose_flash_attn``,
+# ``Engine.ensure_room``). The KV cache is allocated up front (~112 KiB per token for
 # the real model at f16): it starts at 512 positions and grows on demand up to the manifest's
 # context length.
-DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512)
+DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, crowd_flash=True)
 
 
 @dataclass(frozen=True)
