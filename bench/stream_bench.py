@@ -20,7 +20,7 @@ class BareLlama:
     """The plain llama.cpp C API, nothing else: one context, a reusable batch, no copies."""
 
     def __init__(self, path: Path, threads: int, *, embeddings: bool = False, n_ctx: int = 2048,
-                 n_gpu_layers: int = 0):
+                 n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16"):
         import llama_cpp
 
         from edgeguard.llama_model import load_model
@@ -36,7 +36,12 @@ class BareLlama:
         cp.embeddings = embeddings
         cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
         cp.no_perf = True
+        if flash_attn is not None:  # else llama.cpp's own choice ("auto")
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.type_k = cp.type_v = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
         self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx {n_ctx}, kv {kv_type})")
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(512, 0, 1)
         self.embeddings = embeddings

@@ -424,6 +424,35 @@ class Backend:
         self.n_past[seq] = n_past
         return True
 
+    def state_to_file(self, path: str | os.PathLike[str], seq: int = 0) -> bool:
+        """Write one sequence's cached state to ``path`` (llama.cpp copies it layer by layer,
+        never holding the whole state in memory); False when llama.cpp could not."""
+        ctx = self._live_ctx()
+        self._check_seq(seq)
+        no_tokens = (llama_cpp.llama_token * 1)()
+        native_error[0] = ""
+        return llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), seq, no_tokens, 0) > 0
+
+    def restore_from_file(self, path: str | os.PathLike[str], n_past: int, seq: int = 0) -> bool:
+        """``restore`` from a ``state_to_file`` file, read layer by layer; False (sequence left
+        empty) when it does not fit or llama.cpp refuses it."""
+        ctx = self._live_ctx()
+        self._check_seq(seq)
+        if not 0 <= n_past <= self.n_ctx - self.cached + self.n_past[seq]:
+            return False
+        self.truncate(0, seq)
+        if n_past == 0:
+            return True
+        tokens, count = (llama_cpp.llama_token * 1)(), ctypes.c_size_t(0)
+        native_error[0] = ""
+        ok = llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), seq, tokens, 1, ctypes.byref(count)) > 0
+        ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, seq) == n_past - 1
+        if not ok:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            return False
+        self.n_past[seq] = n_past
+        return True
+
     def _set_state(self, ctx, state: bytes, seq: int) -> bool:
         src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         native_error[0] = ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -191,20 +192,41 @@ class Engine:
         self._grow(size)
 
     def _grow(self, size: int) -> None:
-        """Move every sequence into a larger context. The old context is freed sequence by
-        sequence as soon as its state is copied out, so peak memory stays near the new size."""
+        """Move every sequence into a new context (larger, or with the other attention kind).
+
+        The sequences' states go to temporary files, layer by layer, the old context is freed,
+        then the new one is allocated and read back: the two contexts never coexist and no
+        whole state is held in memory, so the peak stays near the new context's size. Where the
+        files cannot be written, or the attention kind changes (llama.cpp then stores V in the
+        other layout, which edgeguard converts in memory), the states are held in memory."""
         log.info("moving the context from %d to %d tokens (flash attention %s)", self.backend.n_ctx, size,
                  "on" if self.flash_attn else "off")
         old = self.backend
-        states = {seq: (old.state(seq), old.n_past[seq]) for seq in range(self.n_seq) if old.n_past[seq]}
-        old.close()
-        self.backend = self._new_backend(size)
-        for seq, (state, n_past) in states.items():
-            if not self.backend.restore(state, n_past, seq):
-                keys = self._held[seq]
-                self._held[seq] = []
-                log.warning("could not move sequence %d (%d tokens) to the larger context; its owner "
-                            "recomputes it or reports it lost", seq, len(keys))
+        live = [seq for seq in range(self.n_seq) if old.n_past[seq]]
+        with tempfile.TemporaryDirectory(prefix="edgeguard-kv-") as tmp:
+            files = {}
+            if old.flash_attn == self.flash_attn:
+                for seq in live:
+                    path = Path(tmp) / f"seq{seq}.kv"
+                    try:
+                        if not old.state_to_file(path, seq):
+                            break
+                    except OSError:
+                        break
+                    files[seq] = path
+            if len(files) == len(live):
+                moved = {seq: (files[seq], old.n_past[seq]) for seq in live}
+            else:
+                moved = {seq: (old.state(seq), old.n_past[seq]) for seq in live}
+            old.close()
+            self.backend = self._new_backend(size)
+            for seq, (state, n_past) in moved.items():
+                restore = self.backend.restore_from_file if isinstance(state, Path) else self.backend.restore
+                if not restore(state, n_past, seq):
+                    keys = self._held[seq]
+                    self._held[seq] = []
+                    log.warning("could not move sequence %d (%d tokens) to the new context; its owner "
+                                "recomputes it or reports it lost", seq, len(keys))
         self.timings.context_growths += 1
 
     def decode(self, inputs: Mapping[int, tuple[Sequence[int], object]],

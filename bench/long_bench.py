@@ -1,0 +1,252 @@
+"""Long responses and long inputs: per-token cost and peak memory against position (Stream) and
+check time and peak memory against input length (Gen), next to bare llama.cpp.
+
+    python bench/long_bench.py [--quick] [--out bench/results] [--threads 2]
+
+Every configuration runs in a fresh worker process (peak RSS = that process's VmHWM):
+
+- Stream: one session fed random response tokens in chunks; at each position the median of
+  ``probe`` single-token feeds. edgeguard with its defaults, and under a 1 GB memory budget;
+  bare llama.cpp on the plain full-vocabulary GGUF of the same weights with its context of
+  8,192 allocated up front: flash attention on and off with an f16 KV cache, and on with q8_0.
+- Gen: ``check`` of one prompt of about N tokens (fresh, no prefix cache), and bare llama.cpp
+  prefilling the same tokens and generating the 9-token verdict, in separate processes per
+  length.
+
+Writes long.json, long.md and long-stream.png / long-gen.png (matplotlib) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import Timer, machine_info, peak_rss_mb, run_worker, stats_ms, words, worker_main  # noqa: E402
+
+POSITIONS = (100, 1000, 2000, 4000, 7000)
+LENGTHS = (100, 1000, 2000, 4000, 6000)
+BARE = {"bare-fa-on-f16": (True, "f16"), "bare-fa-off-f16": (False, "f16"), "bare-fa-on-q8_0": (True, "q8_0")}
+N_NEW = 9  # the verdict's tokens, as in gen_bench
+
+
+def _ids(n: int) -> list[int]:
+    from bench.stream_bench import _response_ids
+
+    return _response_ids(n, seed=11)
+
+
+def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
+    """Fill up to each position in chunks, then time ``probe`` single-token feeds there."""
+    out, at = {}, 0
+    ids = _ids(max(positions) + probe * len(positions) + 8)
+    for pos in positions:
+        while at < pos:
+            n = min(256, pos - at)
+            feed_chunk(ids[at:at + n])
+            at += n
+        times = []
+        for _ in range(probe):
+            with Timer() as t:
+                feed_one(ids[at:at + 1])
+            times.append(t.s)
+            at += 1
+        out[str(pos)] = {"ms": stats_ms(times[1:])["median_ms"], "peak_rss_mb": peak_rss_mb()}
+    return out
+
+
+def stream_edgeguard(args: dict) -> dict:
+    import edgeguard
+
+    options = {"max_memory_mb": args["max_memory_mb"]} if args.get("max_memory_mb") else {}
+    t0 = time.perf_counter()
+    with edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", **options) as guard, \
+            guard.session(words(30, 7)) as s:
+        curve = _walk(args["positions"], args["probe"], s.feed, s.feed)
+        return {"curve": curve, "kv_type": guard.kv_type, "flash_attn": guard.flash_attn,
+                "context_size": guard.context_size, "context_growths": guard.timings.context_growths,
+                "wall_s": time.perf_counter() - t0}
+
+
+def stream_bare(args: dict) -> dict:
+    from bench.stream_bench import BareLlama
+
+    fa, kv = args["flash_attn"], args["kv"]
+    llm = BareLlama(Path(args["gguf"]), args["threads"], n_ctx=8192, flash_attn=fa, kv_type=kv)
+    try:
+        t0 = time.perf_counter()
+        llm.decode(_ids(40))  # a prompt's worth of positions first, as a session has
+        curve = _walk(args["positions"], args["probe"], llm.decode, llm.decode)
+        return {"curve": curve, "wall_s": time.perf_counter() - t0}
+    finally:
+        llm.close()
+
+
+def _prompt(n_tokens: int) -> str:
+    return words(max(1, int(n_tokens / 1.35)), 3)  # ~1.35 tokens per word of words()
+
+
+def gen_edgeguard(args: dict) -> dict:
+    import edgeguard
+
+    prompt = _prompt(args["length"])
+    options = {"max_memory_mb": args["max_memory_mb"]} if args.get("max_memory_mb") else {}
+    with edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", prefix_cache=None,
+                        **options) as guard:
+        n = len(guard.tokens(prompt))
+        with Timer() as t:
+            guard.check(prompt)
+        return {"tokens": n, "ms": t.s * 1e3, "peak_rss_mb": peak_rss_mb(), "kv_type": guard.kv_type,
+                "context_size": guard.context_size}
+
+
+def gen_bare(args: dict) -> dict:
+    import edgeguard
+    from bench.models import gguf_path
+    from bench.stream_bench import BareLlama
+
+    with edgeguard.load(args["folder"], "q4_k_m", n_threads=1, device="cpu", prefix_cache=None) as guard:
+        tokens = guard.tokens(_prompt(args["length"]))
+    llm = BareLlama(gguf_path(Path(args["folder"]), "q4_k_m"), args["threads"], n_ctx=len(tokens) + 32,
+                    flash_attn=args.get("flash_attn"))
+    try:
+        with Timer() as t:
+            llm.generate(tokens, N_NEW)
+        return {"tokens": len(tokens), "ms": t.s * 1e3, "peak_rss_mb": peak_rss_mb()}
+    finally:
+        llm.close()
+
+
+# ------------------------------------------------------------------------------------------
+def _plot(res: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    s = res.get("stream", {})
+    if s:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in s.items():
+            if "curve" not in r:
+                continue
+            xs = [int(p) for p in r["curve"]]
+            a.plot(xs, [r["curve"][p]["ms"] for p in r["curve"]], marker="o", label=name)
+            b.plot(xs, [r["curve"][p]["peak_rss_mb"] for p in r["curve"]], marker="o", label=name)
+        a.set(xlabel="response position (tokens)", ylabel="ms per token", title="Stream: cost of one token")
+        b.set(xlabel="response position (tokens)", ylabel="peak RSS (MB)", title="Stream: peak memory")
+        a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "long-stream.png", dpi=90)
+        files.append("long-stream.png")
+    g = res.get("gen", {})
+    if g:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, rows in g.items():
+            ok = [r for r in rows if "ms" in r]
+            a.plot([r["tokens"] for r in ok], [r["ms"] for r in ok], marker="o", label=name)
+            b.plot([r["tokens"] for r in ok], [r["peak_rss_mb"] for r in ok], marker="o", label=name)
+        a.set(xlabel="input tokens", ylabel="ms", title="Gen: one check (fresh)")
+        b.set(xlabel="input tokens", ylabel="peak RSS (MB)", title="Gen: peak memory")
+        a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "long-gen.png", dpi=90)
+        files.append("long-gen.png")
+    return files
+
+
+def _markdown(res: dict) -> str:
+    L = ["# Long responses and long inputs", "",
+         f"Command: `{res['command']}`  ", f"Machine: {res['machine']['cpu']}, {res['threads']} threads, "
+         f"load average at start {res['machine']['loadavg_start']}; Q4_K_M of random full-size 0.6B models.", ""]
+    s = res.get("stream", {})
+    if s:
+        positions = res["positions"]
+        L += ["## Stream: ms per token (peak RSS MB) at response position", "",
+              "| run | " + " | ".join(str(p) for p in positions) + " | notes |",
+              "|---|" + "---|" * (len(positions) + 1)]
+        for name, r in s.items():
+            if "curve" not in r:
+                L.append(f"| {name} | {r.get('error', '?')} |")
+                continue
+            cells = [f"{r['curve'][str(p)]['ms']:.1f} ({r['curve'][str(p)]['peak_rss_mb']:.0f})" for p in positions]
+            note = (f"KV {r['kv_type']}, flash attention {'on' if r['flash_attn'] else 'off'}, context "
+                    f"{r['context_size']}, {r['context_growths']} growths" if "kv_type" in r else "n_ctx 8192 up front")
+            L.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
+        L.append("")
+    g = res.get("gen", {})
+    if g:
+        L += ["## Gen: one check, ms (peak RSS MB), against input length", "",
+              "| run | " + " | ".join(f"~{n}" for n in res["lengths"]) + " |",
+              "|---|" + "---|" * len(res["lengths"])]
+        for name, rows in g.items():
+            cells = [f"{r['ms']:.0f} ({r['peak_rss_mb']:.0f}) [{r['tokens']} tok]" if "ms" in r else r.get("error", "?")
+                     for r in rows]
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main() -> int:
+    from bench import models
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="positions and lengths up to 2,000 only")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="stream,gen")
+    a = ap.parse_args()
+    positions = [p for p in POSITIONS if not a.quick or p <= 2000]
+    lengths = [n for n in LENGTHS if not a.quick or n <= 2000]
+    only = set(a.only.split(","))
+    a.out.mkdir(parents=True, exist_ok=True)
+    paths = models.all_models(log=print, only=("q4_k_m",))
+    res = {"command": "python bench/long_bench.py" + (" --quick" if a.quick else "") + f" --threads {a.threads}",
+           "machine": machine_info(), "threads": a.threads, "positions": positions, "lengths": lengths}
+    common = {"threads": a.threads, "positions": positions, "probe": 6}
+
+    def log(msg):
+        print(f"[long {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    if "stream" in only:
+        res["stream"] = {}
+        runs = {"edgeguard": ("stream_edgeguard", {"folder": paths["stream"]}),
+                "edgeguard-budget-1GB": ("stream_edgeguard", {"folder": paths["stream"], "max_memory_mb": 1000})}
+        plain = str(models.gguf_path(Path(paths["plain"]), "q4_k_m"))
+        for name, (fa, kv) in BARE.items():
+            runs[name] = ("stream_bare", {"gguf": plain, "flash_attn": fa, "kv": kv})
+        for name, (task, extra) in runs.items():
+            log(f"stream {name}")
+            res["stream"][name] = run_worker("long_bench", task, {**common, **extra, "tag": name}, timeout=1200)
+    if "gen" in only:
+        res["gen"] = {"edgeguard": [], "edgeguard-budget-1GB": [], "bare-generation": []}
+        for n in lengths:
+            for name, task, extra in (("edgeguard", "gen_edgeguard", {}),
+                                      ("edgeguard-budget-1GB", "gen_edgeguard", {"max_memory_mb": 1000}),
+                                      ("bare-generation", "gen_bare", {})):
+                log(f"gen {name} ~{n} tokens")
+                res["gen"][name].append(run_worker("long_bench", task, {"folder": paths["gen"], "threads": a.threads,
+                                                                         "length": n, "tag": f"{name}-{n}", **extra},
+                                                   timeout=1200))
+    res["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
+    res["plots"] = _plot(res, a.out)
+    (a.out / "long.json").write_text(json.dumps(res, indent=1))
+    md = _markdown(res)
+    (a.out / "long.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("stream_edgeguard", "stream_bare", "gen_edgeguard", "gen_bare"):
+        worker_main({"stream_edgeguard": stream_edgeguard, "stream_bare": stream_bare,
+                     "gen_edgeguard": gen_edgeguard, "gen_bare": gen_bare})
+    else:
+        sys.exit(main())
