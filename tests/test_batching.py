@@ -200,6 +200,34 @@ def test_stream_turns_flash_attention_on_for_a_crowd_without_changing_verdicts(s
         assert dict(got) == pytest.approx(dict(want), abs=TOL)
 
 
+@pytest.mark.parametrize("files", ["written", "unwritable"])
+def test_stream_growth_moves_sessions_through_files_or_memory(stream_folder, monkeypatch, files):
+    """A context grown while sessions are live gives each session what it gets alone, whether
+    the states went through temporary files or (where those cannot be written) memory."""
+    import edgeguard.stream as stream_module
+    from edgeguard.backend import Backend
+
+    with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
+        ids = g.response_tokens(RESPONSE)[:40]
+    expected = [alone(stream_folder, p, ids)[0] for p in PROMPTS[:2]]
+    if files == "unwritable":
+        def refuse(self, path, seq=0):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(Backend, "state_to_file", refuse)
+    monkeypatch.setattr(stream_module, "DEFAULTS", dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32))
+    with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
+        a, b = g.session(PROMPTS[0]), g.session(PROMPTS[1])
+        got = {a: [], b: []}
+        for i in range(0, len(ids), 8):
+            for s, verdicts in g.feed_many({a: ids[i:i + 8], b: ids[i:i + 8]}).items():
+                got[s] += [v.scores for v in verdicts]
+        assert g.timings.context_growths >= 2
+    for s, want in zip((a, b), expected):
+        assert len(got[s]) == len(want)
+        for x, y in zip(got[s], want):
+            assert dict(x) == pytest.approx(dict(y), abs=TOL)
+
+
 def test_stream_feed_many_bad_input_changes_no_session(stream_folder):
     with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
         a, b = g.session(PROMPTS[0]), g.session(PROMPTS[1])
