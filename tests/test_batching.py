@@ -221,7 +221,7 @@ def test_stream_growth_moves_sessions_through_files_or_memory(stream_folder, mon
         for i in range(0, len(ids), 8):
             for s, verdicts in g.feed_many({a: ids[i:i + 8], b: ids[i:i + 8]}).items():
                 got[s] += [v.scores for v in verdicts]
-        assert g.timings.context_growths >= 2
+        assert g.timings.context_growths >= 1
     for s, want in zip((a, b), expected):
         assert len(got[s]) == len(want)
         for x, y in zip(got[s], want):
