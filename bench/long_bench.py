@@ -202,6 +202,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="stream,gen")
+    ap.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
     a = ap.parse_args()
     positions = [p for p in POSITIONS if not a.quick or p <= 2000]
     lengths = [n for n in LENGTHS if not a.quick or n <= 2000]
@@ -223,18 +224,25 @@ def main() -> int:
         for name, (fa, kv) in BARE.items():
             runs[name] = ("stream_bare", {"gguf": plain, "flash_attn": fa, "kv": kv})
         for name, (task, extra) in runs.items():
+            if a.runs and name not in a.runs.split(","):
+                continue
             log(f"stream {name}")
             res["stream"][name] = run_worker("long_bench", task, {**common, **extra, "tag": name}, timeout=1200)
+            (a.out / "long.json").write_text(json.dumps(res, indent=1))  # what is done survives a kill
     if "gen" in only:
         res["gen"] = {"edgeguard": [], "edgeguard-budget-1GB": [], "bare-generation": []}
         for n in lengths:
             for name, task, extra in (("edgeguard", "gen_edgeguard", {}),
                                       ("edgeguard-budget-1GB", "gen_edgeguard", {"max_memory_mb": 1000}),
                                       ("bare-generation", "gen_bare", {})):
+                if a.runs and name not in a.runs.split(","):
+                    continue
                 log(f"gen {name} ~{n} tokens")
                 res["gen"][name].append(run_worker("long_bench", task, {"folder": paths["gen"], "threads": a.threads,
                                                                          "length": n, "tag": f"{name}-{n}", **extra},
                                                    timeout=1200))
+                (a.out / "long.json").write_text(json.dumps(res, indent=1))
+    res["gen"] = {k: v for k, v in res.get("gen", {}).items() if v}
     res["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     res["plots"] = _plot(res, a.out)
     (a.out / "long.json").write_text(json.dumps(res, indent=1))
