@@ -67,7 +67,8 @@ def assert_same_lines(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want):
         assert set(g) == set(w)
         for key, value in w.items():
-            if key == "scores":
+            if key in ("scores", "category_scores"):  # numbers: within TOL (a crowded guard
+                # runs flash attention, which rounds differently from a lone session's)
                 for name, p in value.items():
                     assert g[key][name] == pytest.approx(p, abs=TOL)
             elif key == "prompt":
