@@ -130,35 +130,29 @@ def _plot(res: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def pair(name: str, series: dict, xlabel: str, ylabel: str, what: str) -> str:
+        """Time and peak RSS side by side; ``series``: run -> [(x, ms, peak MB), ...]."""
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for run, points in series.items():
+            a.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run)
+            b.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=run)
+        a.set(xlabel=xlabel, ylabel=ylabel, title=f"{what}: time")
+        b.set(xlabel=xlabel, ylabel="peak RSS (MB)", title=f"{what}: peak memory")
+        a.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        return name
+
     files = []
-    s = res.get("stream", {})
-    if s:
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, r in s.items():
-            if "curve" not in r:
-                continue
-            xs = [int(p) for p in r["curve"]]
-            a.plot(xs, [r["curve"][p]["ms"] for p in r["curve"]], marker="o", label=name)
-            b.plot(xs, [r["curve"][p]["peak_rss_mb"] for p in r["curve"]], marker="o", label=name)
-        a.set(xlabel="response position (tokens)", ylabel="ms per token", title="Stream: cost of one token")
-        b.set(xlabel="response position (tokens)", ylabel="peak RSS (MB)", title="Stream: peak memory")
-        a.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "long-stream.png", dpi=90)
-        files.append("long-stream.png")
-    g = res.get("gen", {})
-    if g:
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, rows in g.items():
-            ok = [r for r in rows if "ms" in r]
-            a.plot([r["tokens"] for r in ok], [r["ms"] for r in ok], marker="o", label=name)
-            b.plot([r["tokens"] for r in ok], [r["peak_rss_mb"] for r in ok], marker="o", label=name)
-        a.set(xlabel="input tokens", ylabel="ms", title="Gen: one check (fresh)")
-        b.set(xlabel="input tokens", ylabel="peak RSS (MB)", title="Gen: peak memory")
-        a.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "long-gen.png", dpi=90)
-        files.append("long-gen.png")
+    stream = {run: [(int(p), c["ms"], c["peak_rss_mb"]) for p, c in r["curve"].items()]
+              for run, r in res.get("stream", {}).items() if "curve" in r}
+    if stream:
+        files.append(pair("long-stream.png", stream, "response position (tokens)", "ms per token",
+                          "Stream, one token"))
+    gen = {run: [(r["tokens"], r["ms"], r["peak_rss_mb"]) for r in rows if "ms" in r]
+           for run, rows in res.get("gen", {}).items()}
+    if gen:
+        files.append(pair("long-gen.png", gen, "input tokens", "ms", "Gen, one check (fresh)"))
     return files
 
 

@@ -404,25 +404,16 @@ class Backend:
     def restore(self, state: bytes, n_past: int, seq: int = 0) -> bool:
         """Replace one sequence with ``state`` of ``n_past`` positions; False (sequence left
         empty) when llama.cpp refuses it."""
-        ctx = self._live_ctx()
-        self._check_seq(seq)
-        if not 0 <= n_past <= self.n_ctx - self.cached + self.n_past[seq]:
+        def load(ctx) -> bool:
+            if self._set_state(ctx, state, seq):
+                return True
+            if self.kv_type == "f16":  # saved with the other attention kind: V's layout differs
+                try:
+                    return self._set_state(ctx, flip_v_layout(state), seq)
+                except RuntimeFailure as e:
+                    log.warning("cannot convert a sequence state: %s", e)
             return False
-        self.truncate(0, seq)
-        if n_past == 0:
-            return True
-        ok = self._set_state(ctx, state, seq)
-        if not ok and self.kv_type == "f16":  # saved with the other attention kind: V's layout differs
-            try:
-                ok = self._set_state(ctx, flip_v_layout(state), seq)
-            except RuntimeFailure as e:
-                log.warning("cannot convert a sequence state: %s", e)
-        ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, seq) == n_past - 1
-        if not ok:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-            return False
-        self.n_past[seq] = n_past
-        return True
+        return self._replace(seq, n_past, load)
 
     def state_to_file(self, path: str | os.PathLike[str], seq: int = 0) -> bool:
         """Write one sequence's cached state to ``path`` (llama.cpp copies it layer by layer,
@@ -436,6 +427,16 @@ class Backend:
     def restore_from_file(self, path: str | os.PathLike[str], n_past: int, seq: int = 0) -> bool:
         """``restore`` from a ``state_to_file`` file, read layer by layer; False (sequence left
         empty) when it does not fit or llama.cpp refuses it."""
+        def load(ctx) -> bool:
+            tokens, count = (llama_cpp.llama_token * 1)(), ctypes.c_size_t(0)
+            native_error[0] = ""
+            return llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), seq, tokens, 1,
+                                                       ctypes.byref(count)) > 0
+        return self._replace(seq, n_past, load)
+
+    def _replace(self, seq: int, n_past: int, load) -> bool:
+        """Empty one sequence, ``load(ctx)`` its new content and check it holds ``n_past``
+        positions; False (sequence left empty) when it does not fit or the load fails."""
         ctx = self._live_ctx()
         self._check_seq(seq)
         if not 0 <= n_past <= self.n_ctx - self.cached + self.n_past[seq]:
@@ -443,11 +444,7 @@ class Backend:
         self.truncate(0, seq)
         if n_past == 0:
             return True
-        tokens, count = (llama_cpp.llama_token * 1)(), ctypes.c_size_t(0)
-        native_error[0] = ""
-        ok = llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), seq, tokens, 1, ctypes.byref(count)) > 0
-        ok = ok and llama_cpp.llama_memory_seq_pos_max(self._memory, seq) == n_past - 1
-        if not ok:
+        if not (load(ctx) and llama_cpp.llama_memory_seq_pos_max(self._memory, seq) == n_past - 1):
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
             return False
         self.n_past[seq] = n_past

@@ -163,9 +163,10 @@ class Engine:
     # -- context ---------------------------------------------------------------------------------
     def _flash_for(self, seqs: Sequence[int]) -> bool:
         """The flash-attention setting for the sequences holding tokens once ``seqs`` are fed."""
-        holding = {s for s in range(self.n_seq) if self.backend.n_past[s]} | set(seqs)
+        crowded = self.defaults.crowd_flash and len(
+            {s for s in range(self.n_seq) if self.backend.n_past[s]} | set(seqs)) > 1
         return choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn, self.device.device,
-                                 self.kv_type, crowded=self.defaults.crowd_flash and len(holding) > 1)
+                                 self.kv_type, crowded=crowded)
 
     def ensure_room(self, new_tokens: int, what: str, seqs: Sequence[int] = ()) -> None:
         """Make room for ``new_tokens`` more cached positions, growing the context up to the
