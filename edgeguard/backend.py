@@ -166,6 +166,8 @@ class Backend:
         if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
             raise UsageError(f"n_ctx, n_batch and n_seq (<= {MAX_SEQUENCES}) must be positive "
                              f"(got {n_ctx}, {n_batch}, {n_seq})")
+        if n_batch < n_seq:  # llama.cpp reserves an output row per sequence in n_batch: abort
+            raise UsageError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
         threads = default_threads() if n_threads is None else n_threads
         if threads < 1:
             raise UsageError(f"n_threads must be positive, got {threads}")

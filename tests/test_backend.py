@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeguard.backend import Backend, Vocab, flip_v_layout
-from edgeguard.errors import ModelError, RuntimeFailure
+from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 
 N_VOCAB = 1000
@@ -217,3 +217,12 @@ def test_dummy_vocabulary_backbone_refuses_to_tokenize_instead_of_aborting(model
             be.vocab.tokenize("hello")
         with pytest.raises(ModelError, match="no tokenizer"):
             be.vocab.piece(1)
+
+
+def test_a_batch_smaller_than_the_sequences_is_refused(models):
+    """llama.cpp reserves an output row per sequence in ``n_batch`` and aborts the process when
+    they do not fit; the Backend refuses such a pair before llama.cpp sees it."""
+    with pytest.raises(UsageError, match="n_batch"):
+        Backend(models["full"], n_ctx=256, n_batch=4, n_seq=8)
+    with Backend(models["full"], n_ctx=256, n_batch=8, n_seq=8) as be:
+        assert be.n_batch == 8

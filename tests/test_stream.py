@@ -281,6 +281,42 @@ def test_context_grows_without_changing_scores(folder, guard, monkeypatch):
         assert max(abs(a[k] - b[k]) for k in a) < 1e-3
 
 
+def test_grown_size_steps():
+    from edgeguard.engine import LONG_CTX, grown_size
+
+    sizes = [512]
+    while sizes[-1] < 7000:
+        sizes.append(grown_size(sizes[-1], sizes[-1] + 1, 40960))
+    assert sizes == [512, 768, 1280, 2048, 3072, 4608, 5888, 7424]
+    for a, b in zip(sizes, sizes[1:]):  # 1.5x, then 1.25x past LONG_CTX, rounded up to 256 cells
+        assert b % 256 == 0 and b <= a * (1.5 if a < LONG_CTX else 1.25) + 256
+    assert grown_size(512, 3000, 40960) == 3072  # at least what is needed
+    assert grown_size(4608, 4609, 5000) == 5000  # never past the limit
+
+
+def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
+    """Past LONG_CTX with plain attention the engine decodes in ``long_batch`` pieces (a smaller
+    score matrix); the scores stay those of a guard that never grew."""
+    import edgeguard.engine as engine_module
+    import edgeguard.stream as stream_module
+
+    ids = guard.vocab.tokenize(RESPONSE * 3)
+    with guard.session(PROMPT) as s:
+        expected = [v.scores for v in s.feed(ids)]
+    monkeypatch.setattr(engine_module, "LONG_CTX", 32)
+    monkeypatch.setattr(stream_module, "DEFAULTS",
+                        dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32, long_batch=4))
+    with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
+        assert g._engine.batch == stream_module.DEFAULTS.batch  # 32 cells: not long yet
+        with g.session(PROMPT) as s:
+            got = [v.scores for v in s.feed(ids)]
+        assert g.context_size > 32 and not g.flash_attn
+        assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-3
+
+
 def test_flagged_follows_policy(folder, guard):
     response = guard.vocab.tokenize(RESPONSE * 2)
     with StreamGuard(folder, Manifest.read(folder), "f16", policy="loose") as loose:
