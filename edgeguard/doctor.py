@@ -106,6 +106,7 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
         "plan": "llama.cpp default" if plan.extra_bufts else "CPU_REPACK by name, AMX off",
         "why": plan.reason,
     }
+    report["attention"] = _attention(choice.device if choice else "cpu")
     if note := arm_note(info):
         notes.append(note)
     healthy = choice is not None
@@ -127,6 +128,25 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
     return report
 
 
+def _attention(device: str) -> dict:
+    """Whether each engine runs llama.cpp's flash attention on this device, by default."""
+    from edgeguard import gen, stream
+    from edgeguard.kernels import choose_flash_attn
+
+    def pick(defaults, crowded=False):
+        return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type, crowded=crowded)
+
+    return {
+        "gen": pick(gen.DEFAULTS),
+        "stream_one_session": pick(stream.DEFAULTS),
+        "stream_several_sessions": pick(stream.DEFAULTS, crowded=True),
+        "why": "Gen is prefill-bound and flash attention speeds up every batch; a lone Stream session "
+               "on a CPU decodes one token at a time, where plain attention is faster at long "
+               "positions; with several sessions in one cache flash attention skips the others' "
+               "cells; a GPU and a q8_0 KV cache use it always (option: flash_attn=True/False)",
+    }
+
+
 def _advice(amx: bool, device: str) -> str:
     if device == "gpu":
         return ("the GPU path failed: try `--device cpu`, or rebuild the CUDA wheel: " + CUDA_INSTALL)
@@ -136,6 +156,13 @@ def _advice(amx: bool, device: str) -> str:
                 "--no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36")
     return ("the CPU path failed: try `EDGEGUARD_THREADS=1`, or reinstall llama-cpp-python "
             "without native flags (CMAKE_ARGS=\"-DGGML_NATIVE=OFF\")")
+
+
+def _attention_line(att: dict) -> str:
+    def kind(on: bool) -> str:
+        return "flash" if on else "plain"
+    return (f"Gen {kind(att['gen'])}; Stream {kind(att['stream_one_session'])} for one session, "
+            f"{kind(att['stream_several_sessions'])} for several ({att['why']})")
 
 
 def render(report: dict) -> str:
@@ -156,6 +183,7 @@ def render(report: dict) -> str:
     lines += [
         f"device         {report['device']['use'] or 'none'} ({report['device']['why']})",
         f"CPU kernels    {kernels['plan']}: {kernels['why']}",
+        "attention      " + _attention_line(report["attention"]),
         f"threads        {report['threads']}",
         f"cache          {report['cache_dir']}",
     ]

@@ -88,9 +88,13 @@ def test_doctor_reports_and_self_tests_in_a_child():
     assert report["devices"] and report["devices"][0]["name"]
     if system_info().amx:
         assert "amx_probe" in report  # the build's own AMX path was tried, in a child
+    gpu = report["device"]["use"] == "gpu"
+    assert report["attention"]["gen"] is True and report["attention"]["stream_several_sessions"] is True
+    assert report["attention"]["stream_one_session"] is gpu  # plain for a lone session on a CPU
     text = subprocess.run([sys.executable, "-m", "edgeguard", "doctor", "--no-self-test"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert text.returncode == 0 and "CPU kernels" in text.stdout and "healthy" in text.stdout
+    assert "attention      Gen flash; Stream " in text.stdout
 
 
 IMPORTS = {
