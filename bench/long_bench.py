@@ -203,7 +203,8 @@ def main() -> int:
     only = set(a.only.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     paths = models.all_models(log=print, only=("q4_k_m",))
-    res = {"command": "python bench/long_bench.py" + (" --quick" if a.quick else "") + f" --threads {a.threads}",
+    res = {"command": "python bench/long_bench.py" + (" --quick" if a.quick else "") + f" --threads {a.threads}"
+           + (f" --only {a.only}" if a.only != "stream,gen" else "") + (f" --runs {a.runs}" if a.runs else ""),
            "machine": machine_info(), "threads": a.threads, "positions": positions, "lengths": lengths}
     common = {"threads": a.threads, "positions": positions, "probe": 6}
 

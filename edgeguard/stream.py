@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeguard.backend import Vocab
 from edgeguard.debounce import Debouncer
+from edgeguard.embedding_rows import EmbeddingRows
 from edgeguard.engine import Defaults, Engine, EngineOptions, EngineStats
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from edgeguard.heads import Heads
@@ -89,10 +90,7 @@ class StreamGuard(EngineStats):
                 raise ModelError(f"{files['vocab']} carries no chat template")
             self._template = ChatTemplate(source)
             self._im_end = self.vocab.token_id(IM_END)
-            try:
-                self._table = np.load(folder / files["embeddings"], mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ModelError(f"cannot read the embedding table {files['embeddings']}: {e}") from e
+            self._table = self._own(EmbeddingRows(folder / files["embeddings"]))
             if self._table.ndim != 2 or self._table.shape[1] != manifest.hidden_size:
                 raise ModelError(f"{files['embeddings']} has shape {list(self._table.shape)}, expected "
                                  f"[vocab, {manifest.hidden_size}]")
@@ -147,7 +145,7 @@ class StreamGuard(EngineStats):
         return self.vocab.tokenize(text)
 
     def _rows(self, ids: Sequence[int]) -> np.ndarray:
-        return np.asarray(self._table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        return self._table.rows(ids)
 
     def _ids(self, token_ids: Iterable[int]) -> list[int]:
         """Validated Qwen3 token ids (a clear UsageError for anything else)."""
