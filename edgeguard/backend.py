@@ -470,7 +470,7 @@ class Backend:
             f.seek(max(0, size - (1 << 20)))
             digest.update(f.read(1 << 20))
         return {"file_size": size, "file_ends_sha256": digest.hexdigest(), "mode": self.mode,
-                "kv_type": self.kv_type,
+                "kv_type": self.kv_type, "flash_attn": bool(self.flash_attn),  # the head computed alike
                 "n_embd": self.n_embd, "n_vocab": self.n_vocab,
                 "n_layer": llama_cpp.llama_model_n_layer(self._model)}
 
