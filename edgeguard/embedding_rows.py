@@ -55,11 +55,9 @@ class EmbeddingRows:
         if self._fd is None:
             raise ModelError(f"the embedding table {self.path.name} is closed")
         out = np.empty((len(ids), self.shape[1]), self.dtype)
-        for i, token in enumerate(ids):
-            data = os.pread(self._fd, self._row_bytes, self._offset + int(token) * self._row_bytes)
-            if len(data) != self._row_bytes:
+        for row, token in zip(out, ids):  # straight into the output row: no bytes object per row
+            if os.preadv(self._fd, [row], self._offset + int(token) * self._row_bytes) != self._row_bytes:
                 raise ModelError(f"short read from the embedding table {self.path.name}")
-            out[i] = np.frombuffer(data, self.dtype)
         return out.astype(np.float32, copy=False)
 
     def close(self) -> None:

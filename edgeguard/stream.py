@@ -91,7 +91,7 @@ class StreamGuard(EngineStats):
             self._template = ChatTemplate(source)
             self._im_end = self.vocab.token_id(IM_END)
             self._table = self._own(EmbeddingRows(folder / files["embeddings"]))
-            if self._table.ndim != 2 or self._table.shape[1] != manifest.hidden_size:
+            if self._table.shape[1] != manifest.hidden_size:  # (EmbeddingRows checks it is 2-D)
                 raise ModelError(f"{files['embeddings']} has shape {list(self._table.shape)}, expected "
                                  f"[vocab, {manifest.hidden_size}]")
             self._engine = self._own(Engine(folder / files["model"], mode="embeddings", options=options,
