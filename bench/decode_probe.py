@@ -5,9 +5,13 @@
 - backlog: one sequence decoding 1 / 2 / 4 / 8 / 16 tokens at position 512 (logits for each);
 - layouts: 8 sequences of 512 tokens in one context, unified KV or per-sequence streams
   (``kv_unified=false``), flash attention on or off: one sequence's step among them, and one
-  step of all 8.
+  step of all 8;
+- keys: one sequence's single-token step at 100 / 2,000 / 4,000 / 7,000 cached tokens with
+  plain attention, f16 keys against q8_0 keys (values f16 in both: what edgeguard's
+  "q8_0-keys" cache is), the two contexts timed in turns.
 
-    python bench/decode_probe.py            # plain full-vocabulary random 0.6B, Q4_K_M, 2 threads
+    python bench/decode_probe.py [--only prefill,backlog,layouts,keys]
+    # plain full-vocabulary random 0.6B, Q4_K_M, 2 threads
 
 Medians of 5 (prefill: minima of 3). Weights are placed as edgeguard places them (AMX kept off
 on builds where it crashes).
@@ -28,7 +32,13 @@ if str(REPO) not in sys.path:
 
 
 def main() -> int:
+    import argparse
+
     import llama_cpp as L
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="prefill,backlog,layouts,keys")
+    only = set(ap.parse_args().only.split(","))
 
     from bench import models
     from edgeguard.llama_model import load_model
@@ -39,8 +49,9 @@ def main() -> int:
     batch = L.llama_batch_init(512, 0, 1)
     rng = np.random.default_rng(0)
 
-    def context(n_seq: int, n_ctx: int, *, unified: bool = True, flash: bool = False):
+    def context(n_seq: int, n_ctx: int, *, unified: bool = True, flash: bool = False, keys=L.GGML_TYPE_F16):
         cp = L.llama_context_default_params()
+        cp.type_k = keys
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, n_seq
         cp.kv_unified = unified
         cp.n_threads = cp.n_threads_batch = 2
@@ -71,28 +82,55 @@ def main() -> int:
         return [int(t) for t in rng.integers(1000, 100000, n)]
 
     ctx = context(1, 1024)
-    print("prefill from an empty cache, ms per token:")
-    toks = tokens(309)
-    for n in (32, 108, 201, 309):
-        best = []
-        for _ in range(3):
-            drop(ctx, 0, 0)
-            best.append(decode(ctx, [(0, p, t) for p, t in enumerate(toks[:n])], last_only=True))
-        print(f"  {n:4d} tokens: {min(best) * 1e3 / n:.2f}")
-    drop(ctx, 0, 0)
-    decode(ctx, [(0, p, t) for p, t in enumerate(tokens(512))])
-    print("one sequence, a backlog of k tokens at position 512, ms:")
-    for k in (1, 2, 4, 8, 16):
-        times = []
-        for _ in range(5):
-            times.append(decode(ctx, [(0, 512 + i, 5000 + i) for i in range(k)]))
-            drop(ctx, 0, 512)
-        print(f"  k={k:2d}: {statistics.median(times) * 1e3:.1f}")
+    if "prefill" in only:
+        print("prefill from an empty cache, ms per token:")
+        toks = tokens(309)
+        for n in (32, 108, 201, 309):
+            best = []
+            for _ in range(3):
+                drop(ctx, 0, 0)
+                best.append(decode(ctx, [(0, p, t) for p, t in enumerate(toks[:n])], last_only=True))
+            print(f"  {n:4d} tokens: {min(best) * 1e3 / n:.2f}")
+    if "backlog" in only:
+        drop(ctx, 0, 0)
+        decode(ctx, [(0, p, t) for p, t in enumerate(tokens(512))])
+        print("one sequence, a backlog of k tokens at position 512, ms:")
+        for k in (1, 2, 4, 8, 16):
+            times = []
+            for _ in range(5):
+                times.append(decode(ctx, [(0, 512 + i, 5000 + i) for i in range(k)]))
+                drop(ctx, 0, 512)
+            print(f"  k={k:2d}: {statistics.median(times) * 1e3:.1f}")
     L.llama_free(ctx)
 
-    print("8 sequences of 512 tokens, ms: one sequence's step among them / one step of all 8")
+    if "keys" in only:
+        print("one sequence, plain attention, single-token step at N cached tokens, ms (median of 9, "
+              "the two contexts in turns): f16 keys / q8_0 keys")
+        kinds = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
+        ctxs = {k: context(1, 7424, keys=t) for k, t in kinds.items()}
+        filled, stream = 0, tokens(7100)
+        for n in (100, 2000, 4000, 7000):
+            while filled < n:
+                step = min(512, n - filled)
+                for c in ctxs.values():
+                    decode(c, [(0, filled + i, stream[filled + i]) for i in range(step)], last_only=True)
+                filled += step
+            times = {k: [] for k in ctxs}
+            for _ in range(9):
+                for k, c in ctxs.items():
+                    times[k].append(decode(c, [(0, n, 5000)]))
+                    drop(c, 0, n)
+            f16, q8 = (statistics.median(times[k]) * 1e3 for k in kinds)
+            print(f"  {n:5d}: {f16:.1f} / {q8:.1f}  ({q8 / f16:.2f}x)")
+        for c in ctxs.values():
+            L.llama_free(c)
+
+    if "layouts" in only:
+        print("8 sequences of 512 tokens, ms: one sequence's step among them / one step of all 8")
     for unified in (True, False):
         for flash in (True, False):
+            if "layouts" not in only:
+                break
             ctx = context(8, 8 * 768, unified=unified, flash=flash)
             for s in range(8):
                 decode(ctx, [(s, p, t) for p, t in enumerate(tokens(512))])

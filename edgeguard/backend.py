@@ -35,77 +35,19 @@ from edgeguard.llama_model import (  # noqa: F401  (re-exported: the llama.cpp l
 import llama_cpp  # noqa: E402  (after llama_model, which loads onnxruntime first)
 import numpy as np  # noqa: E402
 
+from edgeguard import kv_state  # noqa: E402
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError  # noqa: E402
 
 _PREFIX_MAGIC = b"EGKVSEQ2"  # 2: a sha256 of the content follows the magic
-_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# kv_type -> (K, V) ggml types. "q8_0-keys": q8_0 keys and f16 values, which plain attention
+# can read (a q8_0 V needs flash attention): 0.77x of f16's memory, and faster than f16 at long
+# contexts on a CPU (less to read per step).
+_KV_TYPES = {"f16": (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16),
+             "q8_0-keys": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_F16),
+             "q8_0": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ in llama.cpp 0.3.36
 
 log = logging.getLogger("edgeguard.backend")
-
-
-def flip_v_layout(state: bytes) -> bytes:
-    """A sequence state (``llama_state_seq_get_data``) with its V cache in the other layout.
-
-    llama.cpp keeps V transposed (element-major) without flash attention and cell-major with it,
-    and refuses a state of the other layout. The format (llama-kv-cache.cpp, 0.3.36): n_stream;
-    per stream cell_count, per cell (pos, n_seq_id, seq ids), then v_trans, n_layer, per layer K
-    (type, row size, rows), then per layer V: (type, row size, rows) when not transposed, else
-    (type, element size, n_embd_v, n_embd_v rows of cell_count elements). F16 V only (a q8_0
-    cache always runs with flash attention)."""
-    buf = memoryview(state)
-    out = bytearray()
-    off = 0
-
-    def take(n: int) -> memoryview:
-        nonlocal off
-        if off + n > len(buf):
-            raise RuntimeFailure("a sequence state is shorter than its own header says")
-        piece = buf[off:off + n]
-        off += n
-        return piece
-
-    def u32() -> int:
-        piece = take(4)
-        out.extend(piece)
-        return int.from_bytes(piece, "little")
-
-    u32()  # llama.cpp's state magic
-    u32()  # the sequence id it was saved from
-    for _ in range(u32()):  # streams
-        cells = u32()
-        if cells == 0:
-            continue
-        for _ in range(cells):
-            out.extend(take(4))  # pos
-            out.extend(take(4 * u32()))  # seq ids
-        trans_at = len(out)
-        trans = u32()
-        n_layer = u32()
-        out[trans_at:trans_at + 4] = (1 - trans).to_bytes(4, "little")
-        for _ in range(n_layer):  # K: unchanged
-            out.extend(take(4))
-            row = int.from_bytes(take(8), "little")
-            out.extend(row.to_bytes(8, "little"))
-            out.extend(take(cells * row))
-        for _ in range(n_layer):
-            v_type = int.from_bytes(take(4), "little")
-            if v_type != llama_cpp.GGML_TYPE_F16:
-                raise RuntimeFailure(f"cannot change the V layout of a cache of ggml type {v_type}")
-            if trans:
-                el = int.from_bytes(take(4), "little")
-                n_embd = int.from_bytes(take(4), "little")
-                v = np.frombuffer(take(n_embd * cells * el), np.float16).reshape(n_embd, cells)
-                out.extend(v_type.to_bytes(4, "little") + (n_embd * el).to_bytes(8, "little"))
-            else:
-                row = int.from_bytes(take(8), "little")
-                n_embd = row // 2
-                v = np.frombuffer(take(cells * row), np.float16).reshape(cells, n_embd)
-                out.extend(v_type.to_bytes(4, "little") + (2).to_bytes(4, "little") + n_embd.to_bytes(4, "little"))
-            out.extend(np.ascontiguousarray(v.T).tobytes())
-    if off != len(buf):
-        raise RuntimeFailure("a sequence state has bytes after its last stream")
-    return bytes(out)
 
 
 class _Batch:
@@ -157,7 +99,7 @@ class Backend:
         verbose: bool = False,
     ) -> None:
         """``kv_type`` "q8_0" halves the KV cache's memory (llama.cpp then needs flash
-        attention); ``repack=False`` saves a second in-RAM copy of the quantized weights that
+        attention), "q8_0-keys" quantizes the keys only; ``repack=False`` saves a second in-RAM copy of the quantized weights that
         llama.cpp otherwise makes for its faster CPU kernels."""
         if mode not in ("logits", "embeddings"):
             raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
@@ -215,8 +157,8 @@ class Backend:
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[self.flash_attn]
-        params.type_k = params.type_v = _KV_TYPES[self.kv_type]
-        if self.kv_type != "f16" and self.flash_attn is None:
+        params.type_k, params.type_v = _KV_TYPES[self.kv_type]
+        if self.kv_type == "q8_0" and self.flash_attn is None:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
         native_error[0] = ""
@@ -244,13 +186,15 @@ class Backend:
         return llama_cpp.llama_model_size(self._model) / 2**20
 
     @property
-    def kv_values_per_token(self) -> int:
-        """Values one cached token holds: keys and values of every layer's KV heads."""
+    def head_dim(self) -> int:
         arch = self._vocab.meta("general.architecture") or ""
         head_dim = self._vocab.meta(f"{arch}.attention.key_length")
-        n_head = llama_cpp.llama_model_n_head(self._model)
-        dim = int(head_dim) if head_dim else self.n_embd // max(1, n_head)
-        return 2 * llama_cpp.llama_model_n_layer(self._model) * llama_cpp.llama_model_n_head_kv(self._model) * dim
+        return int(head_dim) if head_dim else self.n_embd // max(1, llama_cpp.llama_model_n_head(self._model))
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Values one cached token holds: keys and values of every layer's KV heads."""
+        return 2 * llama_cpp.llama_model_n_layer(self._model) * llama_cpp.llama_model_n_head_kv(self._model) * self.head_dim
 
     @property
     def cached(self) -> int:
@@ -403,19 +347,32 @@ class Backend:
             raise RuntimeFailure("llama.cpp could not copy the sequence state")
         return bytes(memoryview(buf)[:written])
 
+    @property
+    def layout(self) -> kv_state.Layout | None:
+        """How this context lays out its cache (None where llama.cpp picks the attention)."""
+        if self.flash_attn is None:
+            return None
+        return kv_state.Layout(_KV_TYPES[self.kv_type][0], v_trans=not self.flash_attn)
+
+    @property
+    def key_rotation(self) -> int:
+        """The Hadamard block size llama.cpp rotates quantized keys by (kv_state)."""
+        return kv_state.key_rotation(self.head_dim)
+
+    def _convert_failed(self, e: RuntimeFailure) -> bool:
+        log.warning("cannot convert a sequence state to this context's cache layout: %s", e)
+        return False
+
     def restore(self, state: bytes, n_past: int, seq: int = 0) -> bool:
-        """Replace one sequence with ``state`` of ``n_past`` positions; False (sequence left
+        """Replace one sequence with ``state`` of ``n_past`` positions, converted first when it
+        was saved with another cache layout (attention kind, K type); False (sequence left
         empty) when llama.cpp refuses it."""
-        def load(ctx) -> bool:
-            if self._set_state(ctx, state, seq):
-                return True
-            if self.kv_type == "f16":  # saved with the other attention kind: V's layout differs
-                try:
-                    return self._set_state(ctx, flip_v_layout(state), seq)
-                except RuntimeFailure as e:
-                    log.warning("cannot convert a sequence state: %s", e)
-            return False
-        return self._replace(seq, n_past, load)
+        if self.layout is not None:
+            try:
+                state = kv_state.convert_bytes(state, self.layout, self.key_rotation)
+            except RuntimeFailure as e:
+                return self._convert_failed(e)
+        return self._replace(seq, n_past, lambda ctx: self._set_state(ctx, state, seq))
 
     def state_to_file(self, path: str | os.PathLike[str], seq: int = 0) -> bool:
         """Write one sequence's cached state to ``path`` (llama.cpp copies it layer by layer,
@@ -427,8 +384,14 @@ class Backend:
         return llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), seq, no_tokens, 0) > 0
 
     def restore_from_file(self, path: str | os.PathLike[str], n_past: int, seq: int = 0) -> bool:
-        """``restore`` from a ``state_to_file`` file, read layer by layer; False (sequence left
-        empty) when it does not fit or llama.cpp refuses it."""
+        """``restore`` from a ``state_to_file`` file, read layer by layer (converted in place
+        first when saved with another cache layout); False (sequence left empty) when it does
+        not fit or llama.cpp refuses it."""
+        if self.layout is not None:
+            try:
+                kv_state.convert_file(path, self.layout, self.key_rotation)
+            except RuntimeFailure as e:
+                return self._convert_failed(e)
         def load(ctx) -> bool:
             tokens, count = (llama_cpp.llama_token * 1)(), ctypes.c_size_t(0)
             native_error[0] = ""

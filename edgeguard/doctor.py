@@ -131,19 +131,25 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
 def _attention(device: str) -> dict:
     """Whether each engine runs llama.cpp's flash attention on this device, by default."""
     from edgeguard import gen, stream
-    from edgeguard.kernels import choose_flash_attn
+    from edgeguard.engine import LONG_CTX
+    from edgeguard.kernels import choose_flash_attn, choose_kv_type
 
     def pick(defaults, crowded=False):
         return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type, crowded=crowded)
 
+    lone = pick(stream.DEFAULTS)
     return {
         "gen": pick(gen.DEFAULTS),
-        "stream_one_session": pick(stream.DEFAULTS),
+        "stream_one_session": lone,
         "stream_several_sessions": pick(stream.DEFAULTS, crowded=True),
+        "stream_long_kv": choose_kv_type(None, stream.DEFAULTS.kv_type, device, lone, long=True),
+        "long_ctx": LONG_CTX,
         "why": "Gen is prefill-bound and flash attention speeds up every batch; a lone Stream session "
                "on a CPU decodes one token at a time, where plain attention is faster at long "
                "positions; with several sessions in one cache flash attention skips the others' "
-               "cells; a GPU and a q8_0 KV cache use it always (option: flash_attn=True/False)",
+               "cells; a GPU and a q8_0 KV cache use it always (option: flash_attn=True/False); past "
+               "LONG_CTX cells a lone CPU session with plain attention keeps q8_0 keys (less to read "
+               "per step, 0.77x the memory; option: kv_type=)",
     }
 
 
@@ -162,7 +168,8 @@ def _attention_line(att: dict) -> str:
     def kind(on: bool) -> str:
         return "flash" if on else "plain"
     return (f"Gen {kind(att['gen'])}; Stream {kind(att['stream_one_session'])} for one session, "
-            f"{kind(att['stream_several_sessions'])} for several ({att['why']})")
+            f"{kind(att['stream_several_sessions'])} for several; Stream KV {att['stream_long_kv']} past "
+            f"{att['long_ctx']} cells ({att['why']})")
 
 
 def render(report: dict) -> str:

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 from edgeguard.backend import Backend, choose_device
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.kernels import choose_flash_attn, plan_memory
+from edgeguard.kernels import choose_flash_attn, choose_kv_type, plan_memory
 
 log = logging.getLogger("edgeguard")
 
@@ -36,7 +36,7 @@ class EngineOptions:
     n_threads: int | None = None
     device: str = "auto"  # "auto": the GPU when this llama.cpp build can offload; "cpu"; "gpu"
     n_gpu_layers: int | None = None  # on the GPU: how many layers (default all)
-    kv_type: str | None = None  # "f16" or "q8_0" (half the KV memory, slower on CPU)
+    kv_type: str | None = None  # "f16", "q8_0-keys" or "q8_0" (half the KV memory, slower on CPU)
     repack: bool | None = None  # llama.cpp's repacked CPU weights (faster, a second copy in RAM)
     flash_attn: bool | None = None
     max_cached_tokens: int | None = None  # cap on positions cached over all sequences
@@ -100,7 +100,7 @@ class Engine:
         self.options = options
         self.gguf = Path(gguf)
         self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-        self.kv_type = options.kv_type or defaults.kv_type
+        self.kv_type = self.kv_base = options.kv_type or defaults.kv_type
         self.repack = defaults.repack if options.repack is None else options.repack
         self.defaults = defaults
         self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
@@ -127,7 +127,7 @@ class Engine:
         self.memory_plan = plan
         self.max_cached = min(self.max_cached, plan.max_tokens)
         if plan.kv_type != self.kv_type:
-            self.kv_type = plan.kv_type
+            self.kv_type = self.kv_base = plan.kv_type
             self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
                                                 self.kv_type)
             b.close()
@@ -201,8 +201,7 @@ class Engine:
         flash = self._flash_for(seqs)
         if needed <= self.backend.n_ctx:
             if flash and not self.flash_attn:
-                self.flash_attn = True
-                self._grow(self.backend.n_ctx)
+                self._rebuild(self.backend.n_ctx, flash)
             return
         limit = min(self.max_ctx, self.max_cached)
         if needed > limit:
@@ -210,32 +209,38 @@ class Engine:
                 f"{what} needs {new_tokens} more tokens with {self.backend.cached} cached, more than "
                 f"the {limit} this guard allows; shorten the text, roll back, close sessions or raise "
                 "n_ctx / max_cached_tokens / max_memory_mb (edgeguard never truncates silently)")
+        self._rebuild(grown_size(self.backend.n_ctx, needed, limit), flash)
+
+    def _rebuild(self, size: int, flash: bool) -> None:
+        """A context of ``size`` cells with this attention kind and the KV type that goes with
+        it (``kernels.choose_kv_type``: q8_0 keys past LONG_CTX cells with plain attention)."""
         self.flash_attn = flash
-        self._grow(grown_size(self.backend.n_ctx, needed, limit))
+        self.kv_type = choose_kv_type(self.options.kv_type, self.kv_base, self.device.device, flash,
+                                      long=size > LONG_CTX)
+        self._grow(size)
 
     def _grow(self, size: int) -> None:
-        """Move every sequence into a new context (larger, or with the other attention kind).
+        """Move every sequence into a new context (larger, or with another cache layout).
 
         The sequences' states go to temporary files, layer by layer, the old context is freed,
-        then the new one is allocated and read back: the two contexts never coexist and no
+        then the new one is allocated and reads them back (converted on the way, one layer at a
+        time, when the attention kind or K type changed): the two contexts never coexist and no
         whole state is held in memory, so the peak stays near the new context's size. Where the
-        files cannot be written, or the attention kind changes (llama.cpp then stores V in the
-        other layout, which edgeguard converts in memory), the states are held in memory."""
-        log.info("moving the context from %d to %d tokens (flash attention %s)", self.backend.n_ctx, size,
-                 "on" if self.flash_attn else "off")
+        files cannot be written, the states are held in memory."""
+        log.info("moving the context from %d to %d tokens (flash attention %s, %s KV cache)",
+                 self.backend.n_ctx, size, "on" if self.flash_attn else "off", self.kv_type)
         old = self.backend
         live = [seq for seq in range(self.n_seq) if old.n_past[seq]]
         with tempfile.TemporaryDirectory(prefix="edgeguard-kv-") as tmp:
             files = {}
-            if old.flash_attn == self.flash_attn:
-                for seq in live:
-                    path = Path(tmp) / f"seq{seq}.kv"
-                    try:
-                        if not old.state_to_file(path, seq):
-                            break
-                    except OSError:
+            for seq in live:
+                path = Path(tmp) / f"seq{seq}.kv"
+                try:
+                    if not old.state_to_file(path, seq):
                         break
-                    files[seq] = path
+                except OSError:
+                    break
+                files[seq] = path
             if len(files) == len(live):
                 moved = {seq: (files[seq], old.n_past[seq]) for seq in live}
             else:
@@ -310,7 +315,8 @@ class EngineStats:
 
     @property
     def kv_type(self) -> str:
-        """The KV cache's type ("f16" or "q8_0": chosen by ``max_memory_mb`` when not given)."""
+        """The KV cache's type now: "f16", "q8_0-keys" (a CPU context past LONG_CTX cells with plain
+        attention, when not given) or "q8_0" (chosen by ``max_memory_mb`` when not given)."""
         return self._engine.kv_type
 
     @property

@@ -205,10 +205,24 @@ def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_
         return asked
     if default is not None:
         return default
-    return device == "gpu" or kv_type != "f16" or crowded
+    return device == "gpu" or kv_type == "q8_0" or crowded
 
 
-KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # bytes per cached value (q8_0: 32 values in 34 bytes)
+def choose_kv_type(asked: str | None, base: str, device: str, flash_attn: bool, *, long: bool) -> str:
+    """The KV cache's type for a context: as asked; else on a CPU with plain attention, once the
+    context is long (past engine.LONG_CTX cells), q8_0 keys with f16 values instead of an f16
+    cache: each single-token step reads every cached key, and on an Intel Xeon (2 threads, 0.6B
+    Q4_K_M) a step at 7,000 cached tokens took 116 instead of 131 ms, with 0.77x the memory
+    (`python bench/decode_probe.py`). Flash attention over quantized keys is slower on a CPU,
+    so with it, and on a GPU, the cache stays as ``base`` (the default or the memory plan's)."""
+    if asked:
+        return asked
+    if base == "f16" and device == "cpu" and not flash_attn and long:
+        return "q8_0-keys"
+    return base
+
+
+KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}  # bytes per cached value
 RUNTIME_MB = 200  # besides weights and KV: compute buffers, onnxruntime, Python (measured ~150-200)
 
 

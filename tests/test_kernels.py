@@ -15,6 +15,7 @@ from edgeguard.kernels import (
     arm_note,
     choose_device,
     choose_flash_attn,
+    choose_kv_type,
     plan_kernels,
     repackable,
 )
@@ -130,6 +131,17 @@ def test_flash_attention_choice():
     assert choose_flash_attn(None, None, "cpu", "q8_0") is True  # llama.cpp needs it for a quantized V cache
     assert choose_flash_attn(True, None, "cpu", "f16") is True
     assert choose_flash_attn(None, False, "gpu", "f16") is False
+    assert choose_flash_attn(None, None, "cpu", "q8_0-keys") is False  # an f16 V: plain attention reads it
+
+
+def test_kv_type_choice():
+    """q8_0 keys only for a long CPU context with plain attention, and only in place of f16."""
+    assert choose_kv_type(None, "f16", "cpu", False, long=True) == "q8_0-keys"
+    assert choose_kv_type(None, "f16", "cpu", False, long=False) == "f16"
+    assert choose_kv_type(None, "f16", "cpu", True, long=True) == "f16"  # flash attention
+    assert choose_kv_type(None, "f16", "gpu", False, long=True) == "f16"
+    assert choose_kv_type(None, "q8_0", "cpu", False, long=True) == "q8_0"  # the memory plan's
+    assert choose_kv_type("f16", "f16", "cpu", False, long=True) == "f16"  # asked
 
 
 def test_memory_plan_picks_kv_type_and_cap():

@@ -296,25 +296,69 @@ def test_grown_size_steps():
 
 def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
     """Past LONG_CTX with plain attention the engine decodes in ``long_batch`` pieces (a smaller
-    score matrix); the scores stay those of a guard that never grew."""
+    score matrix) and, unless a KV type was asked for, moves to q8_0 keys (converted from the
+    f16 cache on the way). Scores: those of a guard that never grew and ran the same KV type
+    throughout (within 1e-3); q8_0 keys themselves cost under 5e-3 against f16 here."""
     import edgeguard.engine as engine_module
     import edgeguard.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
-    with guard.session(PROMPT) as s:
-        expected = [v.scores for v in s.feed(ids)]
+    expected = {}
+    for kv in ("f16", "q8_0-keys"):
+        with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv)) as g, \
+                g.session(PROMPT) as s:
+            expected[kv] = [v.scores for v in s.feed(ids)]
     monkeypatch.setattr(engine_module, "LONG_CTX", 32)
     monkeypatch.setattr(stream_module, "DEFAULTS",
                         dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32, long_batch=4))
+    for asked in ("f16", None):
+        with StreamGuard(folder, Manifest.read(folder), "f16",
+                         options=StreamOptions(max_sessions=2, kv_type=asked)) as g:
+            assert g._engine.batch == stream_module.DEFAULTS.batch  # 32 cells: not long yet
+            assert g.kv_type == "f16"
+            with g.session(PROMPT) as s:
+                got = [v.scores for v in s.feed(ids)]
+            assert g.context_size > 32 and not g.flash_attn
+            assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
+            assert g.kv_type == (asked or "q8_0-keys")
+        assert len(got) == len(expected[g.kv_type])
+        for a, b in zip(got, expected[g.kv_type]):
+            assert max(abs(a[k] - b[k]) for k in a) < 1e-3
+    apart = max(abs(a[k] - b[k]) for a, b in zip(*expected.values()) for k in a)
+    print(f"q8_0 keys vs f16: {apart:.2e}")
+    assert apart < 5e-3
+
+
+def test_long_session_goes_back_to_f16_keys_when_crowded(folder, guard, monkeypatch):
+    """A long lone session runs q8_0 keys with plain attention; a second session turns flash
+    attention on, and the keys go back to f16 (dequantized, rotated back). The first session's
+    scores: before the switch those of a guard that ran q8_0 keys throughout (within 1e-3);
+    after it, its older keys are q8_0's and its newer ones f16's, so within what q8_0 keys cost
+    against f16 (5e-3, see above) of either guard."""
+    import edgeguard.engine as engine_module
+    import edgeguard.stream as stream_module
+
+    ids = guard.vocab.tokenize(RESPONSE * 3)
+    expected = {}
+    for kv in ("f16", "q8_0-keys"):
+        with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv)) as g, \
+                g.session(PROMPT) as s:
+            expected[kv] = [v.scores for v in s.feed(ids)]
+    monkeypatch.setattr(engine_module, "LONG_CTX", 32)
+    monkeypatch.setattr(stream_module, "DEFAULTS", dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32))
     with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
-        assert g._engine.batch == stream_module.DEFAULTS.batch  # 32 cells: not long yet
-        with g.session(PROMPT) as s:
-            got = [v.scores for v in s.feed(ids)]
-        assert g.context_size > 32 and not g.flash_attn
-        assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        assert max(abs(a[k] - b[k]) for k in a) < 1e-3
+        first = g.session(PROMPT)
+        got = [v.scores for v in first.feed(ids[:30])]
+        assert g.kv_type == "q8_0-keys" and not g.flash_attn
+        with g.session("another conversation") as second:
+            second.feed(ids[:3])
+            assert g.kv_type == "f16" and g.flash_attn
+            got += [v.scores for v in first.feed(ids[30:])]
+        first.close()
+    assert len(got) == len(ids)
+    for i, scores in enumerate(got):
+        for kv, tol in (("q8_0-keys", 1e-3 if i < 30 else 5e-3), ("f16", 5e-3)):
+            assert max(abs(scores[k] - expected[kv][i][k]) for k in scores) < tol
 
 
 def test_flagged_follows_policy(folder, guard):
