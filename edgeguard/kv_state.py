@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,11 +215,16 @@ def convert_bytes(state: bytes, to: Layout, k_rot: int) -> bytes:
     return out.getvalue()
 
 
+_FILE_MAGIC = 0x67677371  # LLAMA_STATE_SEQ_MAGIC, "ggsq"
+
+
 def _file_header(f: BinaryIO) -> int:
-    f.seek(8)  # magic, version
-    n_tokens = int.from_bytes(f.read(4), "little")
+    """Bytes before n_stream in a state file: magic, version, token count, tokens."""
+    head = f.read(12)
+    if len(head) < 12 or int.from_bytes(head[:4], "little") != _FILE_MAGIC:
+        raise RuntimeFailure("not a llama.cpp sequence state file")
     f.seek(0)
-    return 12 + 4 * n_tokens
+    return 12 + 4 * int.from_bytes(head[8:12], "little")
 
 
 def convert_file(path: str | os.PathLike[str], to: Layout, k_rot: int) -> bool:
@@ -235,7 +239,7 @@ def convert_file(path: str | os.PathLike[str], to: Layout, k_rot: int) -> bool:
     try:
         with open(path, "rb", buffering=1 << 20) as src, os.fdopen(fd, "wb") as dst:
             convert(src, dst, header, to, k_rot)
-        shutil.move(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -155,4 +155,6 @@ def test_damaged_states_are_refused(model, fresh, tmp_path):
         path = tmp_path / "short.kv"
         path.write_bytes(b"ggsq")
         assert not be.restore_from_file(path, 15)
+        with pytest.raises(RuntimeFailure, match="not a llama.cpp sequence state"):
+            kv_state.convert_file(path, to, 128)
         assert be.eval([1, 2, 3]).shape[-1] == be.n_vocab  # still usable
