@@ -6,9 +6,11 @@ check time and peak memory against input length (Gen), next to bare llama.cpp.
 Every configuration runs in a fresh worker process (peak RSS = that process's VmHWM):
 
 - Stream: one session fed random response tokens in chunks; at each position the median of
-  ``probe`` single-token feeds. edgeguard with its defaults, and under a 1 GB memory budget;
+  ``probe`` single-token feeds. edgeguard with its defaults, under a 1 GB memory budget, and
+  with an f16 KV cache throughout (``kv_type="f16"``: no q8_0 keys past 4,096 cells);
   bare llama.cpp on the plain full-vocabulary GGUF of the same weights with its context of
-  8,192 allocated up front: flash attention on and off with an f16 KV cache, and on with q8_0.
+  8,192 allocated up front: flash attention on and off with an f16 KV cache, on with q8_0, and
+  off with q8_0 keys and f16 values.
 - Gen: ``check`` of one prompt of about N tokens (fresh, no prefix cache), and bare llama.cpp
   prefilling the same tokens and generating the 9-token verdict, in separate processes per
   length.
@@ -32,7 +34,8 @@ from bench.common import Timer, machine_info, peak_rss_mb, run_worker, stats_ms,
 
 POSITIONS = (100, 1000, 2000, 4000, 7000)
 LENGTHS = (100, 1000, 2000, 4000, 6000)
-BARE = {"bare-fa-on-f16": (True, "f16"), "bare-fa-off-f16": (False, "f16"), "bare-fa-on-q8_0": (True, "q8_0")}
+BARE = {"bare-fa-on-f16": (True, "f16"), "bare-fa-off-f16": (False, "f16"), "bare-fa-on-q8_0": (True, "q8_0"),
+        "bare-fa-off-q8_0-keys": (False, "q8_0-keys")}
 N_NEW = 9  # the verdict's tokens, as in gen_bench
 
 
@@ -64,7 +67,7 @@ def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
 def stream_edgeguard(args: dict) -> dict:
     import edgeguard
 
-    options = {"max_memory_mb": args["max_memory_mb"]} if args.get("max_memory_mb") else {}
+    options = {k: args[k] for k in ("max_memory_mb", "kv_type") if args.get(k)}
     t0 = time.perf_counter()
     with edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", **options) as guard, \
             guard.session(words(30, 7)) as s:
@@ -96,7 +99,7 @@ def gen_edgeguard(args: dict) -> dict:
     import edgeguard
 
     prompt = _prompt(args["length"])
-    options = {"max_memory_mb": args["max_memory_mb"]} if args.get("max_memory_mb") else {}
+    options = {k: args[k] for k in ("max_memory_mb", "kv_type") if args.get(k)}
     with edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", prefix_cache=None,
                         **options) as guard:
         n = len(guard.tokens(prompt))
@@ -214,7 +217,8 @@ def main() -> int:
     if "stream" in only:
         res["stream"] = {}
         runs = {"edgeguard": ("stream_edgeguard", {"folder": paths["stream"]}),
-                "edgeguard-budget-1GB": ("stream_edgeguard", {"folder": paths["stream"], "max_memory_mb": 1000})}
+                "edgeguard-budget-1GB": ("stream_edgeguard", {"folder": paths["stream"], "max_memory_mb": 1000}),
+                "edgeguard-f16-keys": ("stream_edgeguard", {"folder": paths["stream"], "kv_type": "f16"})}
         plain = str(models.gguf_path(Path(paths["plain"]), "q4_k_m"))
         for name, (fa, kv) in BARE.items():
             runs[name] = ("stream_bare", {"gguf": plain, "flash_attn": fa, "kv": kv})

@@ -38,7 +38,9 @@ class BareLlama:
         cp.no_perf = True
         if flash_attn is not None:  # else llama.cpp's own choice ("auto")
             cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cp.type_k = cp.type_v = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
+        cp.type_k, cp.type_v = {"f16": (L.GGML_TYPE_F16, L.GGML_TYPE_F16),
+                                 "q8_0-keys": (L.GGML_TYPE_Q8_0, L.GGML_TYPE_F16),
+                                 "q8_0": (L.GGML_TYPE_Q8_0, L.GGML_TYPE_Q8_0)}[kv_type]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx {n_ctx}, kv {kv_type})")
