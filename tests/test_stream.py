@@ -294,6 +294,17 @@ def test_grown_size_steps():
     assert grown_size(4608, 4609, 5000) == 5000  # never past the limit
 
 
+def _scores_by_kv_type(folder, ids) -> dict[str, list]:
+    """Per-token scores of one session over ``ids`` in a guard that never grows past its first
+    context, with f16 keys and with q8_0 keys throughout."""
+    out = {}
+    for kv in ("f16", "q8_0-keys"):
+        with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv)) as g, \
+                g.session(PROMPT) as s:
+            out[kv] = [v.scores for v in s.feed(ids)]
+    return out
+
+
 def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
     """Past LONG_CTX with plain attention the engine decodes in ``long_batch`` pieces (a smaller
     score matrix) and, unless a KV type was asked for, moves to q8_0 keys (converted from the
@@ -303,11 +314,7 @@ def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
     import edgeguard.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
-    expected = {}
-    for kv in ("f16", "q8_0-keys"):
-        with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv)) as g, \
-                g.session(PROMPT) as s:
-            expected[kv] = [v.scores for v in s.feed(ids)]
+    expected = _scores_by_kv_type(folder, ids)
     monkeypatch.setattr(engine_module, "LONG_CTX", 32)
     monkeypatch.setattr(stream_module, "DEFAULTS",
                         dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32, long_batch=4))
@@ -339,11 +346,7 @@ def test_long_session_goes_back_to_f16_keys_when_crowded(folder, guard, monkeypa
     import edgeguard.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
-    expected = {}
-    for kv in ("f16", "q8_0-keys"):
-        with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv)) as g, \
-                g.session(PROMPT) as s:
-            expected[kv] = [v.scores for v in s.feed(ids)]
+    expected = _scores_by_kv_type(folder, ids)
     monkeypatch.setattr(engine_module, "LONG_CTX", 32)
     monkeypatch.setattr(stream_module, "DEFAULTS", dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32))
     with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
