@@ -352,12 +352,13 @@ class Backend:
         """How this context lays out its cache (None where llama.cpp picks the attention)."""
         if self.flash_attn is None:
             return None
-        return kv_state.Layout(_KV_TYPES[self.kv_type][0], v_trans=not self.flash_attn)
+        k, v = _KV_TYPES[self.kv_type]
+        return kv_state.Layout(k, v, v_trans=not self.flash_attn)
 
     @property
-    def key_rotation(self) -> int:
-        """The Hadamard block size llama.cpp rotates quantized keys by (kv_state)."""
-        return kv_state.key_rotation(self.head_dim)
+    def rotations(self) -> kv_state.Rotations:
+        """The Hadamard blocks llama.cpp rotates a quantized cache by (kv_state)."""
+        return kv_state.rotations(self.head_dim)
 
     def _convert_failed(self, e: RuntimeFailure) -> bool:
         log.warning("cannot convert a sequence state to this context's cache layout: %s", e)
@@ -369,7 +370,7 @@ class Backend:
         empty) when llama.cpp refuses it."""
         if self.layout is not None:
             try:
-                state = kv_state.convert_bytes(state, self.layout, self.key_rotation)
+                state = kv_state.convert_bytes(state, self.layout, self.rotations)
             except RuntimeFailure as e:
                 return self._convert_failed(e)
         return self._replace(seq, n_past, lambda ctx: self._set_state(ctx, state, seq))
@@ -389,7 +390,7 @@ class Backend:
         not fit or llama.cpp refuses it."""
         if self.layout is not None:
             try:
-                kv_state.convert_file(path, self.layout, self.key_rotation)
+                kv_state.convert_file(path, self.layout, self.rotations)
             except RuntimeFailure as e:
                 return self._convert_failed(e)
         def load(ctx) -> bool:

@@ -40,7 +40,7 @@ class EngineOptions:
     repack: bool | None = None  # llama.cpp's repacked CPU weights (faster, a second copy in RAM)
     flash_attn: bool | None = None
     max_cached_tokens: int | None = None  # cap on positions cached over all sequences
-    max_memory_mb: int | None = None  # bounds the context (and picks a q8_0 KV cache when needed)
+    max_memory_mb: int | None = None  # bounds the context; the KV type is the fastest that fits
     verbose: bool = False
 
     @classmethod
@@ -100,7 +100,7 @@ class Engine:
         self.options = options
         self.gguf = Path(gguf)
         self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-        self.kv_type = self.kv_base = options.kv_type or defaults.kv_type
+        self.kv_type = options.kv_type or defaults.kv_type
         self.repack = defaults.repack if options.repack is None else options.repack
         self.defaults = defaults
         self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
@@ -118,20 +118,30 @@ class Engine:
 
     def _fit_memory(self, options: EngineOptions, defaults: Defaults) -> None:
         b = self.backend
+        candidates = [options.kv_type] if options.kv_type else (
+            [defaults.kv_type, "q8_0-keys"] + (["q8_0"] if options.flash_attn is not False else []))
         try:
             plan = plan_memory(options.max_memory_mb, weights_mb=b.weights_mb, kv_values_per_token=b.kv_values_per_token,
-                               kv_asked=options.kv_type, kv_default=defaults.kv_type, max_ctx=self.max_ctx)
+                               candidates=candidates, max_ctx=self.max_ctx)
         except BaseException:
             self.close()
             raise
         self.memory_plan = plan
         self.max_cached = min(self.max_cached, plan.max_tokens)
-        if plan.kv_type != self.kv_type:
-            self.kv_type = self.kv_base = plan.kv_type
-            self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
-                                                self.kv_type)
+        size = min(self.max_cached, defaults.initial_ctx)
+        kv = self._kv_for(size, self.flash_attn)
+        if kv != self.kv_type or size != b.n_ctx:
+            self.kv_type = kv
+            self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device, kv)
             b.close()
-            self.backend = self._new_backend(min(self.max_cached, defaults.initial_ctx))
+            self.backend = self._new_backend(size)
+
+    def _kv_for(self, size: int, flash: bool) -> str:
+        """The KV type for a context of ``size`` cells (``kernels.choose_kv_type``)."""
+        plan = self.memory_plan
+        return choose_kv_type(self.options.kv_type, self.defaults.kv_type, self.device.device, flash,
+                              long=size > LONG_CTX,
+                              fits=None if plan is None else lambda kv: size <= plan.caps.get(kv, 0))
 
     def _batch_for(self, n_ctx: int) -> int:
         """Tokens per llama.cpp decode for a context of ``n_ctx`` cells. Plain attention holds a
@@ -213,10 +223,10 @@ class Engine:
 
     def _rebuild(self, size: int, flash: bool) -> None:
         """A context of ``size`` cells with this attention kind and the KV type that goes with
-        it (``kernels.choose_kv_type``: q8_0 keys past LONG_CTX cells with plain attention)."""
-        self.flash_attn = flash
-        self.kv_type = choose_kv_type(self.options.kv_type, self.kv_base, self.device.device, flash,
-                                      long=size > LONG_CTX)
+        it (q8_0 keys past LONG_CTX cells with plain attention; under a memory budget the
+        fastest type that fits, a q8_0 cache turning flash attention on)."""
+        self.kv_type = self._kv_for(size, flash)
+        self.flash_attn = flash or self.kv_type == "q8_0"
         self._grow(size)
 
     def _grow(self, size: int) -> None:
@@ -315,8 +325,9 @@ class EngineStats:
 
     @property
     def kv_type(self) -> str:
-        """The KV cache's type now: "f16", "q8_0-keys" (a CPU context past LONG_CTX cells with plain
-        attention, when not given) or "q8_0" (chosen by ``max_memory_mb`` when not given)."""
+        """The KV cache's type now: "f16", "q8_0-keys" (q8_0 keys, f16 values: a CPU context past
+        LONG_CTX cells with plain attention) or "q8_0"; when not given, chosen as the context
+        grows, the fastest that fits ``max_memory_mb``."""
         return self._engine.kv_type
 
     @property

@@ -208,18 +208,26 @@ def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_
     return device == "gpu" or kv_type == "q8_0" or crowded
 
 
-def choose_kv_type(asked: str | None, base: str, device: str, flash_attn: bool, *, long: bool) -> str:
-    """The KV cache's type for a context: as asked; else on a CPU with plain attention, once the
-    context is long (past engine.LONG_CTX cells), q8_0 keys with f16 values instead of an f16
-    cache: each single-token step reads every cached key, and on an Intel Xeon (2 threads, 0.6B
-    Q4_K_M) a step at 7,000 cached tokens took 116 instead of 131 ms, with 0.77x the memory
-    (`python bench/decode_probe.py`). Flash attention over quantized keys is slower on a CPU,
-    so with it, and on a GPU, the cache stays as ``base`` (the default or the memory plan's)."""
+def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: bool, *, long: bool,
+                   fits=None) -> str:
+    """The KV cache's type for a context: as asked; else the fastest that ``fits(kv_type)`` (a
+    memory budget; None: all do). On a CPU with plain attention, once the context is long (past
+    engine.LONG_CTX cells), q8_0 keys with f16 values come first: each single-token step reads
+    every cached key, and on an Intel Xeon (2 threads, 0.6B Q4_K_M) a step at 7,000 cached
+    tokens took 116 instead of 131 ms, with 0.77x the memory (`python bench/decode_probe.py
+    --only keys`). A q8_0 cache (keys and values; flash attention needed) comes last: llama.cpp's
+    CPU flash attention over quantized values is many times slower to fill. With flash
+    attention, and on a GPU, quantized keys are not offered (slower there too on a CPU)."""
     if asked:
         return asked
-    if base == "f16" and device == "cpu" and not flash_attn and long:
-        return "q8_0-keys"
-    return base
+    if device == "cpu" and not flash_attn:
+        order = ["q8_0-keys", default] if long else [default, "q8_0-keys"]
+    else:
+        order = [default]
+    for kv in dict.fromkeys(order + ["q8_0"]):
+        if fits is None or fits(kv):
+            return kv
+    return "q8_0"
 
 
 KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}  # bytes per cached value
@@ -228,23 +236,28 @@ RUNTIME_MB = 200  # besides weights and KV: compute buffers, onnxruntime, Python
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    kv_type: str
+    caps: dict  # KV type -> the tokens a cache of that type holds under the budget (<= max_ctx)
     max_tokens: int
     reason: str
 
+    @property
+    def kv_type(self) -> str:
+        """The KV type the largest context under the budget needs."""
+        return next(kv for kv, n in self.caps.items() if n == self.max_tokens)
 
-def plan_memory(budget_mb: float, *, weights_mb: float, kv_values_per_token: int, kv_asked: str | None,
-                kv_default: str, max_ctx: int) -> MemoryPlan:
-    """KV type and token cap under a process memory budget: the default KV type if the model's
-    whole context fits, else a q8_0 cache (half the memory, some speed), capped to what fits."""
+
+def plan_memory(budget_mb: float, *, weights_mb: float, kv_values_per_token: int, candidates: list[str],
+                max_ctx: int) -> MemoryPlan:
+    """Token caps under a process memory budget for each candidate KV type (the engine then
+    runs the fastest type whose cap holds the context it needs: ``choose_kv_type``), and the
+    cap of them all."""
     free_mb = budget_mb - weights_mb - RUNTIME_MB
     if free_mb <= 0:
         raise UsageError(f"a memory budget of {budget_mb:.0f} MB cannot hold this model: its weights take "
                          f"{weights_mb:.0f} MB and the runtime ~{RUNTIME_MB} MB; raise max_memory_mb")
-    choices = [kv_asked] if kv_asked else list(dict.fromkeys([kv_default, "q8_0"]))
-    for kv in choices:
-        tokens = int(free_mb * 2**20 / (kv_values_per_token * KV_BYTES[kv]))
-        if tokens >= max_ctx:
-            return MemoryPlan(kv, max_ctx, f"{kv} KV cache: the whole context ({max_ctx} tokens) fits")
-    return MemoryPlan(choices[-1], tokens, f"{choices[-1]} KV cache capped at {tokens} tokens by the "
-                                           f"{budget_mb:.0f} MB budget")
+    caps = {kv: min(max_ctx, int(free_mb * 2**20 / (kv_values_per_token * KV_BYTES[kv]))) for kv in candidates}
+    top = max(caps.values())
+    held = ", ".join(f"{kv} {n}" for kv, n in caps.items())
+    return MemoryPlan(caps, top, (f"the whole context ({max_ctx} tokens) fits" if top == max_ctx else
+                                  f"the context is capped at {top} tokens") +
+                      f" by the {budget_mb:.0f} MB budget (tokens per KV type: {held})")

@@ -10,11 +10,12 @@ ids), then v_trans, n_layer, per layer K (type, row size, rows), then per layer 
 size, rows) when not transposed, else (type, element size, n_embd_v, n_embd_v rows of
 cell_count elements).
 
-A quantized K is also rotated: llama.cpp (0.3.36, llama-kv-cache.cpp) multiplies keys and
+A quantized cache is also rotated: llama.cpp (0.3.36, llama-kv-cache.cpp) multiplies keys and
 queries by an orthonormal Walsh-Hadamard matrix before a quantized K cache stores them (blocks
-of the largest power of two dividing the head size, when the head size is a multiple of 64 and
-LLAMA_ATTN_ROT_DISABLE is not set), so moving keys between f16 and q8_0 applies that rotation
-(its own inverse) too.
+of the largest power of two dividing the head size), and values by one of 64 x 64 before a
+quantized V cache stores them (rotating the output back), when the head size is a multiple of
+64 and LLAMA_ATTN_ROT_DISABLE is not set; moving K or V between f16 and q8_0 applies that
+rotation (its own inverse) too.
 
 Everything is streamed one layer at a time, so a state of thousands of cells is never held
 whole in memory (the point of moving it through a file when a context grows).
@@ -42,7 +43,16 @@ BYTES_HEADER = 8  # what precedes n_stream in llama_state_seq_get_data's output
 @dataclass(frozen=True)
 class Layout:
     k_type: int  # GGML_F16 or GGML_Q8_0
+    v_type: int  # GGML_F16 or GGML_Q8_0 (never transposed)
     v_trans: bool  # V transposed: plain attention
+
+
+@dataclass(frozen=True)
+class Rotations:
+    """Hadamard block sizes llama.cpp applies to quantized keys and values (0: none)."""
+
+    k: int
+    v: int
 
 
 class _Reader:
@@ -58,6 +68,13 @@ class _Reader:
         if copy and self.dst is not None:
             self.dst.write(piece)
         return piece
+
+    def skip(self, n: int) -> None:
+        """Move past ``n`` bytes without reading them (a peek: nothing is copied)."""
+        here = self.src.tell()
+        if here + n > self.src.seek(0, io.SEEK_END):
+            raise RuntimeFailure("a sequence state is shorter than its own header says")
+        self.src.seek(here + n)
 
     def int(self, size: int = 4, copy: bool = True) -> int:
         return int.from_bytes(self.take(size, copy), "little")
@@ -92,14 +109,6 @@ def _row_values(ggml_type: int, row_bytes: int) -> int:
     raise RuntimeFailure(f"cannot convert a KV cache of ggml type {ggml_type}")
 
 
-def _row_bytes(ggml_type: int, values: int) -> int:
-    if ggml_type == GGML_F16:
-        return values * 2
-    if values % _BLOCK:
-        raise RuntimeFailure(f"rows of {values} values cannot be stored as q8_0 (blocks of {_BLOCK})")
-    return values // _BLOCK * _Q8_BLOCK.itemsize
-
-
 def quantize_q8_0(x: np.ndarray) -> bytes:
     """Rows of floats as ggml q8_0 blocks: per 32 values an f16 scale max|x|/127 and int8
     values rounded to nearest (ties to even, as llama.cpp's AVX kernels do)."""
@@ -117,14 +126,14 @@ def dequantize_q8_0(data: bytes) -> np.ndarray:
     return (blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]).reshape(-1)
 
 
-def key_rotation(head_dim: int) -> int:
-    """The size of the Hadamard blocks llama.cpp rotates quantized keys by (0: none)."""
+def rotations(head_dim: int) -> Rotations:
+    """The Hadamard blocks llama.cpp rotates a quantized K and V by, for this head size."""
     if head_dim <= 0 or head_dim % 64 or os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0").strip() not in ("", "0"):
-        return 0
+        return Rotations(0, 0)
     n = 64
     while head_dim % (2 * n) == 0:
         n *= 2
-    return n
+    return Rotations(n, 64)
 
 
 def hadamard(x: np.ndarray, n: int) -> np.ndarray:
@@ -139,35 +148,48 @@ def hadamard(x: np.ndarray, n: int) -> np.ndarray:
     return y.reshape(-1) * np.float32(1 / np.sqrt(n))
 
 
-def _k_rows(data: bytes, src_type: int, dst_type: int, rot: int) -> bytes:
-    if src_type == dst_type:
-        return data
-    if (src_type, dst_type) == (GGML_F16, GGML_Q8_0):
-        x = np.frombuffer(data, np.float16).astype(np.float32)
-        return quantize_q8_0(hadamard(x, rot) if rot else x)
-    if (src_type, dst_type) == (GGML_Q8_0, GGML_F16):
+def _values(data: bytes, ggml_type: int, rot: int) -> np.ndarray:
+    """Stored rows as plain float32 values (dequantized and rotated back)."""
+    if ggml_type == GGML_F16:
+        return np.frombuffer(data, np.float16).astype(np.float32)
+    if ggml_type == GGML_Q8_0:
         x = dequantize_q8_0(data)
-        return (hadamard(x, rot) if rot else x).astype(np.float16).tobytes()
-    raise RuntimeFailure(f"cannot convert K rows from ggml type {src_type} to {dst_type}")
+        return hadamard(x, rot) if rot else x
+    raise RuntimeFailure(f"cannot convert a KV cache of ggml type {ggml_type}")
 
 
-def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, k_rot: int) -> None:
-    """Copy the state in ``src`` (``header`` bytes first) to ``dst`` in layout ``to``; ``k_rot``:
-    the model's ``key_rotation``."""
+def _stored(x: np.ndarray, ggml_type: int, rot: int) -> bytes:
+    """Plain values as rows of ``ggml_type`` (rotated and quantized for q8_0)."""
+    if ggml_type == GGML_F16:
+        return x.astype(np.float16).tobytes()
+    if ggml_type == GGML_Q8_0:
+        if x.size % _BLOCK:
+            raise RuntimeFailure(f"rows of {x.size} values cannot be stored as q8_0 (blocks of {_BLOCK})")
+        return quantize_q8_0(hadamard(x, rot) if rot else x)
+    raise RuntimeFailure(f"cannot convert a KV cache to ggml type {ggml_type}")
+
+
+def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, rot: Rotations) -> None:
+    """Copy the state in ``src`` (``header`` bytes first) to ``dst`` in layout ``to``; ``rot``:
+    the model's ``rotations``."""
+    if to.v_trans and to.v_type != GGML_F16:
+        raise RuntimeFailure("llama.cpp keeps a quantized V cache untransposed")
     r = _Reader(src, dst)
     r.take(header)
     for _ in range(r.int()):  # streams
         cells = r.cells()
         if cells == 0:
             continue
-        trans = r.int(copy=False)
+        trans = bool(r.int(copy=False))
         n_layer = r.int(copy=False)
         r.write(_u32(to.v_trans), _u32(n_layer))
         for _ in range(n_layer):
             k_type = r.int(copy=False)
             row = r.int(8, copy=False)
-            new_row = _row_bytes(to.k_type, _row_values(k_type, row))
-            r.write(_u32(to.k_type), _u64(new_row), _k_rows(r.take(cells * row, copy=False), k_type, to.k_type, k_rot))
+            data = r.take(cells * row, copy=False)
+            if k_type != to.k_type:
+                data = _stored(_values(data, k_type, rot.k), to.k_type, rot.k)
+            r.write(_u32(to.k_type), _u64(len(data) // cells), data)
         for _ in range(n_layer):
             v_type = r.int(copy=False)
             if trans:
@@ -178,19 +200,19 @@ def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, k_rot: int) -
                 row = r.int(8, copy=False)
                 data = r.take(cells * row, copy=False)
                 head = _u32(v_type) + _u64(row)
-            if bool(trans) == to.v_trans:
+                n_embd = _row_values(v_type, row)
+            if (v_type, trans) == (to.v_type, to.v_trans):
                 r.write(head, data)
                 continue
-            if v_type != GGML_F16:
-                raise RuntimeFailure(f"cannot change the V layout of a cache of ggml type {v_type}")
-            if trans:  # element-major [n_embd][cells] -> cell-major rows
-                v = np.frombuffer(data, np.float16).reshape(n_embd, cells)
-                r.write(_u32(v_type), _u64(n_embd * 2))
+            if trans and v_type != GGML_F16:
+                raise RuntimeFailure(f"a transposed V cache of ggml type {v_type}")
+            v = _values(data, v_type, rot.v)  # cell-major [cells][n_embd], or the transpose
+            v = (v.reshape(n_embd, cells).T if trans else v.reshape(cells, n_embd))
+            if to.v_trans:
+                r.write(_u32(GGML_F16), _u32(2), _u32(n_embd), np.ascontiguousarray(v.T).astype(np.float16).tobytes())
             else:
-                n_embd = row // 2
-                v = np.frombuffer(data, np.float16).reshape(cells, n_embd)
-                r.write(_u32(v_type), _u32(2), _u32(n_embd))
-            r.write(np.ascontiguousarray(v.T).tobytes())
+                rows = _stored(np.ascontiguousarray(v).reshape(-1), to.v_type, rot.v)
+                r.write(_u32(to.v_type), _u64(len(rows) // cells), rows)
     if src.read(1):
         raise RuntimeFailure("a sequence state has bytes after its last stream")
 
@@ -200,18 +222,26 @@ def layout_of(src: BinaryIO, header: int) -> Layout | None:
     r = _Reader(src, None)
     r.take(header)
     for _ in range(r.int()):
-        if r.cells():
-            trans, n_layer = r.int(), r.int()
-            return Layout(r.int(), bool(trans)) if n_layer else None
+        cells = r.cells()
+        if cells:
+            trans, n_layer = bool(r.int()), r.int()
+            if not n_layer:
+                return None
+            k_type = r.int()
+            r.skip(cells * r.int(8))
+            for _ in range(n_layer - 1):  # the other layers' keys
+                r.int()
+                r.skip(cells * r.int(8))
+            return Layout(k_type, r.int(), trans)
     return None
 
 
-def convert_bytes(state: bytes, to: Layout, k_rot: int) -> bytes:
+def convert_bytes(state: bytes, to: Layout, rot: Rotations) -> bytes:
     """A ``llama_state_seq_get_data`` state in layout ``to`` (unchanged if it is already)."""
     if layout_of(io.BytesIO(state), BYTES_HEADER) in (None, to):
         return state
     out = io.BytesIO()
-    convert(io.BytesIO(state), out, BYTES_HEADER, to, k_rot)
+    convert(io.BytesIO(state), out, BYTES_HEADER, to, rot)
     return out.getvalue()
 
 
@@ -227,7 +257,7 @@ def _file_header(f: BinaryIO) -> int:
     return 12 + 4 * int.from_bytes(head[8:12], "little")
 
 
-def convert_file(path: str | os.PathLike[str], to: Layout, k_rot: int) -> bool:
+def convert_file(path: str | os.PathLike[str], to: Layout, rot: Rotations) -> bool:
     """Rewrite a ``llama_state_seq_save_file`` file in layout ``to``, in place (through a
     temporary file beside it); False when it already had that layout."""
     path = Path(path)
@@ -238,7 +268,7 @@ def convert_file(path: str | os.PathLike[str], to: Layout, k_rot: int) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     try:
         with open(path, "rb", buffering=1 << 20) as src, os.fdopen(fd, "wb") as dst:
-            convert(src, dst, header, to, k_rot)
+            convert(src, dst, header, to, rot)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -140,7 +140,6 @@ def test_kv_type_choice():
     assert choose_kv_type(None, "f16", "cpu", False, long=False) == "f16"
     assert choose_kv_type(None, "f16", "cpu", True, long=True) == "f16"  # flash attention
     assert choose_kv_type(None, "f16", "gpu", False, long=True) == "f16"
-    assert choose_kv_type(None, "q8_0", "cpu", False, long=True) == "q8_0"  # the memory plan's
     assert choose_kv_type("f16", "f16", "cpu", False, long=True) == "f16"  # asked
 
 
@@ -148,18 +147,37 @@ def test_memory_plan_picks_kv_type_and_cap():
     from edgeguard.kernels import plan_memory
 
     values = 2 * 28 * 8 * 128  # the real 0.6B: 28 layers, 8 KV heads, head_dim 128 -> 112 KiB/token at f16
-    fits = plan_memory(2000, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
+    every = ["f16", "q8_0-keys", "q8_0"]
+
+    def plan(budget, candidates=every):
+        return plan_memory(budget, weights_mb=400, kv_values_per_token=values, candidates=candidates, max_ctx=8192)
+
+    fits = plan(2000)
     assert (fits.kv_type, fits.max_tokens) == ("f16", 8192)  # 8192 x 112 KiB = 896 MiB < 1400
-    q8 = plan_memory(1200, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
-    assert (q8.kv_type, q8.max_tokens) == ("q8_0", 8192)  # 600 MiB: f16 holds 5485, q8_0 all 8192
-    capped = plan_memory(1000, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16",
-                         max_ctx=8192)
+    q8 = plan(1200)  # 600 MiB: f16 holds 5485, q8_0 keys 7162, q8_0 all 8192
+    assert (q8.kv_type, q8.max_tokens) == ("q8_0", 8192)
+    assert q8.caps == {"f16": int(600 * 2**20 / (values * 2)), "q8_0-keys": int(600 * 2**20 / (values * 49 / 32)),
+                       "q8_0": 8192}
+    capped = plan(1000)
     assert capped.kv_type == "q8_0" and capped.max_tokens == int(400 * 2**20 / (values * 34 / 32))
-    asked = plan_memory(1000, weights_mb=400, kv_values_per_token=values, kv_asked="f16", kv_default="f16",
-                        max_ctx=8192)
+    assert "capped at" in capped.reason
+    asked = plan(1000, ["f16"])
     assert asked.kv_type == "f16" and asked.max_tokens == int(400 * 2**20 / (values * 2))
     with pytest.raises(UsageError, match="raise max_memory_mb"):
-        plan_memory(500, weights_mb=400, kv_values_per_token=values, kv_asked=None, kv_default="f16", max_ctx=8192)
+        plan(500)
+
+
+def test_kv_type_under_a_budget_is_the_fastest_that_fits():
+    caps = {"f16": 5000, "q8_0-keys": 6500, "q8_0": 9000}
+
+    def pick(size, flash=False, long=True):
+        return choose_kv_type(None, "f16", "cpu", flash, long=long, fits=lambda kv: size <= caps[kv])
+
+    assert pick(3000, long=False) == "f16"
+    assert pick(4608) == "q8_0-keys"  # long, plain attention: q8_0 keys first
+    assert pick(5888, long=False) == "q8_0-keys"  # f16 no longer fits
+    assert pick(7424) == "q8_0"  # nothing else does
+    assert pick(4608, flash=True) == "f16" and pick(5888, flash=True) == "q8_0"
 
 
 def test_arm_system_info_from_the_arm64_check():

@@ -18,7 +18,10 @@ from edgeguard.errors import RuntimeFailure
 from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 
 TEXT = "the quick brown fox jumps over the lazy dog and keeps on running far away"
-LAYOUTS = [(False, "f16"), (True, "f16"), (False, "q8_0-keys"), (True, "q8_0-keys")]
+LAYOUTS = [(False, "f16"), (True, "f16"), (False, "q8_0-keys"), (True, "q8_0-keys"), (True, "q8_0")]
+ROT = kv_state.Rotations(128, 64)  # the fixture's head size: 128
+F16, Q8 = kv_state.GGML_F16, kv_state.GGML_Q8_0
+TYPES = {"f16": (F16, F16), "q8_0-keys": (Q8, F16), "q8_0": (Q8, Q8)}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,7 @@ def test_state_moves_between_layouts(model, tokens, fresh, saved, restored, tmp_
             ok = be.restore(state, 15) if how == "bytes" else be.restore_from_file(tmp_path / "seq.kv", 15)
             assert ok and be.n_past[0] == 15
             got = be.eval(tokens[15:], outputs=range(len(tokens) - 15))
-            assert be.layout == kv_state.Layout(kv_state.GGML_Q8_0 if restored[1] == "q8_0-keys"
-                                                else kv_state.GGML_F16, v_trans=not restored[0])
+            assert be.layout == kv_state.Layout(*TYPES[restored[1]], v_trans=not restored[0])
         err = np.abs(got - want).max()
         print(f"{saved} -> {restored} ({how}): {err:.2e}, layouts apart {apart:.2e}")
         assert err <= max(1.5 * apart, 1e-4) and err <= 1e-2 * np.abs(want).max()
@@ -78,7 +80,7 @@ def test_converted_keys_match_llama_cpp_own_q8_0(fresh):
     (rotating f32 keys): in the first layer, whose keys depend on the input alone, within 1.05
     quantization steps per value (the f16 rounding before ours) and 98% identical. (Later
     layers differ more: their input already went through attention over quantized keys.)"""
-    ours = kv_state.convert_bytes(fresh[False, "f16"][1], kv_state.Layout(kv_state.GGML_Q8_0, True), 128)
+    ours = kv_state.convert_bytes(fresh[False, "f16"][1], kv_state.Layout(Q8, F16, True), ROT)
     native = fresh[False, "q8_0-keys"][1]
     assert len(ours) == len(native)
     a, b = _keys(ours)[0], _keys(native)[0]
@@ -130,25 +132,28 @@ def test_key_rotation_is_llama_cpps_hadamard():
     x = np.random.default_rng(1).standard_normal(3 * n).astype(np.float32)
     np.testing.assert_allclose(kv_state.hadamard(x, n), (x.reshape(-1, n) @ h).reshape(-1), atol=1e-5)
     np.testing.assert_allclose(kv_state.hadamard(kv_state.hadamard(x, n), n), x, atol=1e-5)
-    assert [kv_state.key_rotation(d) for d in (128, 64, 192, 256, 80, 0)] == [128, 64, 64, 256, 0, 0]
+    assert [kv_state.rotations(d).k for d in (128, 64, 192, 256, 80, 0)] == [128, 64, 64, 256, 0, 0]
+    assert [kv_state.rotations(d).v for d in (128, 64, 80)] == [64, 64, 0]
+    with pytest.raises(RuntimeFailure, match="untransposed"):
+        kv_state.convert(io.BytesIO(), io.BytesIO(), 8, kv_state.Layout(Q8, Q8, True), ROT)
 
 
 def test_v_layout_round_trip_is_exact(fresh):
     state = fresh[False, "f16"][1]
-    flipped = kv_state.convert_bytes(state, kv_state.Layout(kv_state.GGML_F16, v_trans=False), 128)
+    flipped = kv_state.convert_bytes(state, kv_state.Layout(F16, F16, v_trans=False), ROT)
     assert flipped != state
-    assert kv_state.layout_of(io.BytesIO(flipped), kv_state.BYTES_HEADER) == kv_state.Layout(kv_state.GGML_F16, False)
-    assert kv_state.convert_bytes(flipped, kv_state.Layout(kv_state.GGML_F16, v_trans=True), 128) == state
-    assert kv_state.convert_bytes(state, kv_state.Layout(kv_state.GGML_F16, True), 128) is state  # already so
+    assert kv_state.layout_of(io.BytesIO(flipped), kv_state.BYTES_HEADER) == kv_state.Layout(F16, F16, False)
+    assert kv_state.convert_bytes(flipped, kv_state.Layout(F16, F16, v_trans=True), ROT) == state
+    assert kv_state.convert_bytes(state, kv_state.Layout(F16, F16, True), ROT) is state  # already so
 
 
 def test_damaged_states_are_refused(model, fresh, tmp_path):
     state = fresh[False, "f16"][1]
-    to = kv_state.Layout(kv_state.GGML_Q8_0, True)
+    to = kv_state.Layout(Q8, F16, True)
     with pytest.raises(RuntimeFailure, match="shorter"):
-        kv_state.convert_bytes(state[:-3], to, 128)
+        kv_state.convert_bytes(state[:-3], to, ROT)
     with pytest.raises(RuntimeFailure, match="after its last stream"):
-        kv_state.convert_bytes(state + b"\0", to, 128)
+        kv_state.convert_bytes(state + b"\0", to, ROT)
     with _backend(model, False, "q8_0-keys") as be:  # refused, not a crash; the sequence stays empty
         assert not be.restore(state[:-3], 15)
         assert be.n_past[0] == 0
@@ -156,5 +161,5 @@ def test_damaged_states_are_refused(model, fresh, tmp_path):
         path.write_bytes(b"ggsq")
         assert not be.restore_from_file(path, 15)
         with pytest.raises(RuntimeFailure, match="not a llama.cpp sequence state"):
-            kv_state.convert_file(path, to, 128)
+            kv_state.convert_file(path, to, ROT)
         assert be.eval([1, 2, 3]).shape[-1] == be.n_vocab  # still usable
