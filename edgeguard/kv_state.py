@@ -169,6 +169,30 @@ def _stored(x: np.ndarray, ggml_type: int, rot: int) -> bytes:
     raise RuntimeFailure(f"cannot convert a KV cache to ggml type {ggml_type}")
 
 
+_CHUNK = 512  # cells converted at a time: a few MB of float32 temporaries, whatever the context
+
+
+def _row_bytes(ggml_type: int, values: int) -> int:
+    if ggml_type == GGML_F16:
+        return 2 * values
+    if values % _BLOCK:
+        raise RuntimeFailure(f"rows of {values} values cannot be stored as q8_0 (blocks of {_BLOCK})")
+    return values // _BLOCK * _Q8_BLOCK.itemsize
+
+
+def _rows(data: bytes, cells: int, trans: bool, ggml_type: int, to_type: int, rot: int):
+    """A layer's rows (cell-major; ``trans``: given element-major, f16) re-stored as
+    ``to_type``, a chunk of cells at a time."""
+    if trans:
+        whole = np.frombuffer(data, np.float16).reshape(-1, cells)
+        for c in range(0, cells, _CHUNK):
+            yield _stored(whole[:, c:c + _CHUNK].T.astype(np.float32).reshape(-1), to_type, rot)
+        return
+    row = len(data) // cells
+    for c in range(0, cells, _CHUNK):
+        yield _stored(_values(data[c * row:(c + _CHUNK) * row], ggml_type, rot), to_type, rot)
+
+
 def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, rot: Rotations) -> None:
     """Copy the state in ``src`` (``header`` bytes first) to ``dst`` in layout ``to``; ``rot``:
     the model's ``rotations``."""
@@ -187,9 +211,11 @@ def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, rot: Rotation
             k_type = r.int(copy=False)
             row = r.int(8, copy=False)
             data = r.take(cells * row, copy=False)
-            if k_type != to.k_type:
-                data = _stored(_values(data, k_type, rot.k), to.k_type, rot.k)
-            r.write(_u32(to.k_type), _u64(len(data) // cells), data)
+            if k_type == to.k_type:
+                r.write(_u32(k_type), _u64(row), data)
+                continue
+            r.write(_u32(to.k_type), _u64(_row_bytes(to.k_type, _row_values(k_type, row))))
+            r.write(*_rows(data, cells, False, k_type, to.k_type, rot.k))
         for _ in range(n_layer):
             v_type = r.int(copy=False)
             if trans:
@@ -206,13 +232,12 @@ def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, rot: Rotation
                 continue
             if trans and v_type != GGML_F16:
                 raise RuntimeFailure(f"a transposed V cache of ggml type {v_type}")
-            v = _values(data, v_type, rot.v)  # cell-major [cells][n_embd], or the transpose
-            v = (v.reshape(n_embd, cells).T if trans else v.reshape(cells, n_embd))
-            if to.v_trans:
+            if to.v_trans:  # element-major f16: the whole layer at once (only ever from f16 or q8_0 rows)
+                v = _values(data, v_type, rot.v).reshape(cells, n_embd)
                 r.write(_u32(GGML_F16), _u32(2), _u32(n_embd), np.ascontiguousarray(v.T).astype(np.float16).tobytes())
             else:
-                rows = _stored(np.ascontiguousarray(v).reshape(-1), to.v_type, rot.v)
-                r.write(_u32(to.v_type), _u64(len(rows) // cells), rows)
+                r.write(_u32(to.v_type), _u64(_row_bytes(to.v_type, n_embd)))
+                r.write(*_rows(data, cells, trans, v_type, to.v_type, rot.v))
     if src.read(1):
         raise RuntimeFailure("a sequence state has bytes after its last stream")
 

@@ -163,3 +163,13 @@ def test_damaged_states_are_refused(model, fresh, tmp_path):
         with pytest.raises(RuntimeFailure, match="not a llama.cpp sequence state"):
             kv_state.convert_file(path, to, ROT)
         assert be.eval([1, 2, 3]).shape[-1] == be.n_vocab  # still usable
+
+
+def test_conversion_in_chunks_equals_whole_layers(fresh, monkeypatch):
+    """Layers are converted a chunk of cells at a time (bounded temporaries): the bytes do not
+    depend on the chunk size."""
+    cases = [(fresh[False, "f16"][1], kv_state.Layout(Q8, Q8, False)),  # K, and V transposed -> rows
+             (fresh[True, "q8_0"][1], kv_state.Layout(F16, F16, False))]  # q8_0 rows -> f16 rows
+    whole = [kv_state.convert_bytes(state, to, ROT) for state, to in cases]
+    monkeypatch.setattr(kv_state, "_CHUNK", 4)  # 15 cells: chunks of 4, 4, 4, 3
+    assert [kv_state.convert_bytes(state, to, ROT) for state, to in cases] == whole
