@@ -213,9 +213,9 @@ def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: boo
     """The KV cache's type for a context: as asked; else the fastest that ``fits(kv_type)`` (a
     memory budget; None: all do). On a CPU with plain attention, once the context is long (past
     engine.LONG_CTX cells), q8_0 keys with f16 values come first: each single-token step reads
-    every cached key, and on an Intel Xeon (2 threads, 0.6B Q4_K_M) a step at 7,000 cached
-    tokens took 116 instead of 131 ms, with 0.77x the memory (`python bench/decode_probe.py
-    --only keys`). A q8_0 cache (keys and values; flash attention needed) comes last: llama.cpp's
+    every cached key: on an Intel Xeon (2 threads, 0.6B Q4_K_M) a step at 7,000 cached tokens
+    took 134 instead of 150 ms timed in turns (`python bench/decode_probe.py --only keys`; equal
+    within noise in separate runs of bench/long_bench.py), with 0.77x the memory. A q8_0 cache (keys and values; flash attention needed) comes last: llama.cpp's
     CPU flash attention over quantized values is many times slower to fill. With flash
     attention, and on a GPU, quantized keys are not offered (slower there too on a CPU)."""
     if asked:
