@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 from edgeguard.backend import Backend, choose_device
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.kernels import choose_flash_attn, choose_kv_type, plan_memory
+from edgeguard.kernels import RUNTIME_MB, choose_flash_attn, choose_kv_type, plan_memory
 
 log = logging.getLogger("edgeguard")
 
@@ -79,6 +79,7 @@ class Defaults:
     batch: int = 256  # tokens per llama.cpp decode: bounds the compute buffer
     long_batch: int = 64  # the same past LONG_CTX cells with plain attention (see _batch_for)
     crowd_flash: bool = False  # flash attention by default once several sequences hold tokens
+    runtime_mb: float = RUNTIME_MB  # what max_memory_mb reserves besides the weights and the KV cache
 
 
 def grown_size(current: int, needed: int, limit: int) -> int:
@@ -122,7 +123,7 @@ class Engine:
             [defaults.kv_type, "q8_0-keys"] + (["q8_0"] if options.flash_attn is not False else []))
         try:
             plan = plan_memory(options.max_memory_mb, weights_mb=b.weights_mb, kv_values_per_token=b.kv_values_per_token,
-                               candidates=candidates, max_ctx=self.max_ctx)
+                               candidates=candidates, max_ctx=self.max_ctx, runtime_mb=defaults.runtime_mb)
         except BaseException:
             self.close()
             raise

@@ -231,7 +231,7 @@ def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: boo
 
 
 KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}  # bytes per cached value
-RUNTIME_MB = 200  # besides weights and KV: compute buffers, onnxruntime, Python (measured ~150-200)
+RUNTIME_MB = 200  # besides weights and KV: compute buffers, Python (Gen: measured ~150-200; Stream: its Defaults)
 
 
 @dataclass(frozen=True)
@@ -247,14 +247,14 @@ class MemoryPlan:
 
 
 def plan_memory(budget_mb: float, *, weights_mb: float, kv_values_per_token: int, candidates: list[str],
-                max_ctx: int) -> MemoryPlan:
+                max_ctx: int, runtime_mb: float = RUNTIME_MB) -> MemoryPlan:
     """Token caps under a process memory budget for each candidate KV type (the engine then
     runs the fastest type whose cap holds the context it needs: ``choose_kv_type``), and the
     cap of them all."""
-    free_mb = budget_mb - weights_mb - RUNTIME_MB
+    free_mb = budget_mb - weights_mb - runtime_mb
     if free_mb <= 0:
         raise UsageError(f"a memory budget of {budget_mb:.0f} MB cannot hold this model: its weights take "
-                         f"{weights_mb:.0f} MB and the runtime ~{RUNTIME_MB} MB; raise max_memory_mb")
+                         f"{weights_mb:.0f} MB and the runtime ~{runtime_mb:.0f} MB; raise max_memory_mb")
     caps = {kv: min(max_ctx, int(free_mb * 2**20 / (kv_values_per_token * KV_BYTES[kv]))) for kv in candidates}
     top = max(caps.values())
     held = ", ".join(f"{kv} {n}" for kv, n in caps.items())

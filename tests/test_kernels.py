@@ -165,6 +165,9 @@ def test_memory_plan_picks_kv_type_and_cap():
     assert asked.kv_type == "f16" and asked.max_tokens == int(400 * 2**20 / (values * 2))
     with pytest.raises(UsageError, match="raise max_memory_mb"):
         plan(500)
+    stream_like = plan_memory(1200, weights_mb=400, kv_values_per_token=values, candidates=every, max_ctx=8192,
+                              runtime_mb=450)  # an engine's own runtime allowance: 350 MiB left
+    assert stream_like.caps["q8_0"] == int(350 * 2**20 / (values * 34 / 32))
 
 
 def test_kv_type_under_a_budget_is_the_fastest_that_fits():

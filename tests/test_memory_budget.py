@@ -9,9 +9,8 @@ import pytest
 
 from edgeguard.backend import Backend
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.kernels import RUNTIME_MB
 from edgeguard.manifest import Manifest
-from edgeguard.stream import StreamGuard, StreamOptions
+from edgeguard.stream import DEFAULTS, StreamGuard, StreamOptions
 from tests.fixtures.converted import converted
 
 
@@ -33,7 +32,7 @@ def test_budget_grows_through_faster_kv_types_first(folder, sizes):
     (exactly while f16, then within what quantized caches cost here: 5e-3, measured 5e-4)."""
     weights_mb, values, max_ctx = sizes
     f16_mb = max_ctx * values * 2 / 2**20
-    budget = int(weights_mb + RUNTIME_MB + 0.47 * f16_mb) + 1  # f16 ~0.47, q8_0 keys ~0.61, q8_0 ~0.89 of max_ctx
+    budget = int(weights_mb + DEFAULTS.runtime_mb + 0.47 * f16_mb) + 1  # f16 ~0.47, q8_0 keys ~0.61, q8_0 ~0.89 of max_ctx
     manifest = Manifest.read(folder)
     rng = random.Random(4)
     with StreamGuard(folder, manifest, "f16") as ref:
@@ -59,14 +58,14 @@ def test_budget_caps_the_context(folder, sizes):
     f16_mb = max_ctx * values * 2 / 2**20
     manifest = Manifest.read(folder)
     # room for the whole context at q8_0 but not at f16
-    budget = int(weights_mb + RUNTIME_MB + 0.75 * f16_mb) + 1
+    budget = int(weights_mb + DEFAULTS.runtime_mb + 0.75 * f16_mb) + 1
     with StreamGuard(folder, manifest, "f16", options=StreamOptions(max_memory_mb=budget)) as g:
         assert g.kv_type == "f16" and g.max_cached_tokens == max_ctx  # a short context fits at f16
         g.check("word " * int(0.9 * max_ctx))  # a long one does not (quantized: see the test above)
         assert g.kv_type in ("q8_0-keys", "q8_0")
     # room for about 1,500 tokens at q8_0 (MB granularity): a longer prompt is refused, naming the budget
-    budget = int(weights_mb + RUNTIME_MB + 1500 * values * (34 / 32) / 2**20)
-    expected = int((budget - weights_mb - RUNTIME_MB) * 2**20 / (values * 34 / 32))
+    budget = int(weights_mb + DEFAULTS.runtime_mb + 1500 * values * (34 / 32) / 2**20)
+    expected = int((budget - weights_mb - DEFAULTS.runtime_mb) * 2**20 / (values * 34 / 32))
     with StreamGuard(folder, manifest, "f16", options=StreamOptions(max_memory_mb=budget)) as g:
         assert g.max_cached_tokens == expected < max_ctx
         with pytest.raises(InputTooLong, match="max_memory_mb"):
