@@ -50,10 +50,14 @@ def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
     out, at = {}, 0
     ids = _ids(max(positions) + probe * len(positions) + 8)
     for pos in positions:
-        while at < pos:
-            n = min(256, pos - at)
-            feed_chunk(ids[at:at + n])
-            at += n
+        try:
+            while at < pos:
+                n = min(256, pos - at)
+                feed_chunk(ids[at:at + n])
+                at += n
+        except Exception as e:  # a memory budget's clear refusal: the curve stops there
+            out[str(pos)] = {"error": f"{type(e).__name__} at {at} tokens", "peak_rss_mb": peak_rss_mb()}
+            break
         times = []
         for _ in range(probe):
             with Timer() as t:
@@ -147,7 +151,7 @@ def _plot(res: dict, out: Path) -> list[str]:
         return name
 
     files = []
-    stream = {run: [(int(p), c["ms"], c["peak_rss_mb"]) for p, c in r["curve"].items()]
+    stream = {run: [(int(p), c["ms"], c["peak_rss_mb"]) for p, c in r["curve"].items() if "ms" in c]
               for run, r in res.get("stream", {}).items() if "curve" in r}
     if stream:
         files.append(pair("long-stream.png", stream, "response position (tokens)", "ms per token",
@@ -173,7 +177,9 @@ def _markdown(res: dict) -> str:
             if "curve" not in r:
                 L.append(f"| {name} | {r.get('error', '?')} |")
                 continue
-            cells = [f"{r['curve'][str(p)]['ms']:.1f} ({r['curve'][str(p)]['peak_rss_mb']:.0f})" for p in positions]
+            points = [r["curve"].get(str(p), {"error": "-", "peak_rss_mb": float("nan")}) for p in positions]
+            cells = [f"{c['ms']:.1f} ({c['peak_rss_mb']:.0f})" if "ms" in c else f"{c['error']} ({c['peak_rss_mb']:.0f})"
+                     for c in points]
             note = (f"KV {r['kv_type']}, flash attention {'on' if r['flash_attn'] else 'off'}, context "
                     f"{r['context_size']}, {r['context_growths']} growths" if "kv_type" in r else "n_ctx 8192 up front")
             L.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
