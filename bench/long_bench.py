@@ -47,6 +47,8 @@ def _ids(n: int) -> list[int]:
 
 def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
     """Fill up to each position in chunks, then time ``probe`` single-token feeds there."""
+    from edgeguard.errors import InputTooLong
+
     out, at = {}, 0
     ids = _ids(max(positions) + probe * len(positions) + 8)
     for pos in positions:
@@ -55,7 +57,7 @@ def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
                 n = min(256, pos - at)
                 feed_chunk(ids[at:at + n])
                 at += n
-        except Exception as e:  # a memory budget's clear refusal: the curve stops there
+        except InputTooLong as e:  # a memory budget's clear refusal: the curve stops there
             out[str(pos)] = {"error": f"{type(e).__name__} at {at} tokens", "peak_rss_mb": peak_rss_mb()}
             break
         times = []

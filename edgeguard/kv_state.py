@@ -162,9 +162,7 @@ def _stored(x: np.ndarray, ggml_type: int, rot: int) -> bytes:
     """Plain values as rows of ``ggml_type`` (rotated and quantized for q8_0)."""
     if ggml_type == GGML_F16:
         return x.astype(np.float16).tobytes()
-    if ggml_type == GGML_Q8_0:
-        if x.size % _BLOCK:
-            raise RuntimeFailure(f"rows of {x.size} values cannot be stored as q8_0 (blocks of {_BLOCK})")
+    if ggml_type == GGML_Q8_0:  # (row lengths checked by _row_bytes first)
         return quantize_q8_0(hadamard(x, rot) if rot else x)
     raise RuntimeFailure(f"cannot convert a KV cache to ggml type {ggml_type}")
 

@@ -40,10 +40,11 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # ``Engine.ensure_room``). The KV cache is allocated up front (~112 KiB per token for
 # the real model at f16): it starts at 512 positions and grows on demand up to the manifest's
 # context length.
-# runtime_mb: a Stream process's memory besides weights and KV cache, measured on an Intel Xeon
-# (0.6B Q4_K_M, `python bench/long_bench.py --only stream`): ~335 MiB steady (onnxruntime and
-# its heads, repacked-weight buffers, compute buffers, Python), up to ~430 MiB at a context
-# growth; 200 let a 1,000 MB budget peak at 1,188 MB after 7,000 tokens.
+# runtime_mb: a Stream process's memory besides weights and KV cache (onnxruntime and its heads,
+# repacked-weight and compute buffers, Python, a growth's transient), measured on an Intel Xeon
+# (0.6B Q4_K_M, `python bench/long_bench.py --only stream --runs edgeguard-budget-1GB`): with 200
+# a 1,000 MB budget peaked at 1,188 MB (1,133 MiB) after 7,000 tokens, of which 452 MiB q8_0
+# cache (7,424 cells) and 251 MiB weights: ~430 MiB of runtime.
 DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, crowd_flash=True, runtime_mb=450)
 
 
