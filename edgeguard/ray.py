@@ -239,9 +239,11 @@ def scan_records(infile: Path, *, actors=None, threads_per_actor: int = 1, batch
     total = sum(t.num_rows for t in tables)
     if not total:
         return
-    dataset = ray.data.from_arrow(_blocks(tables, total, batch_size))
-    results = _map(dataset, mode="lines", actors=actors, threads_per_actor=threads_per_actor, batch_size=batch_size,
-                   decode_batch=1, max_restarts=max_restarts, **model)
+    actors = _counts(ray, actors, threads_per_actor, batch_size, 1)
+    size = _block_rows(total, actors, batch_size)
+    dataset = ray.data.from_arrow(_blocks(tables, total, size))
+    results = _map(dataset, mode="lines", actors=actors, threads_per_actor=threads_per_actor,
+                   batch_size=min(batch_size, size), decode_batch=1, max_restarts=max_restarts, **model)
     expected = 1
     try:
         for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -258,13 +260,20 @@ def scan_records(infile: Path, *, actors=None, threads_per_actor: int = 1, batch
         raise RuntimeFailure(f"Ray returned {expected - 1} of {total} input rows")
 
 
-def _blocks(tables: list, total: int, batch_size: int, per_block: int = 4096) -> list:
-    """The input cut into Ray blocks: enough of them (about 16) that every actor gets work and a
-    retried block is cheap, each a whole number of batches and at most ``per_block`` rows."""
+def _block_rows(total: int, actors: int, batch_size: int, tasks_per_actor: int = 32, most: int = 4096) -> int:
+    """Rows per Ray block, which is one actor task: about ``tasks_per_actor`` tasks per actor, so
+    the job's last task (one actor busy, the others done) is a small part of it, and a retried
+    task is cheap; a whole number of batches once a block holds a batch, at most ``most`` rows.
+    (Blocks of 16 rows left a 200-row scan on 2 actors with 13 tasks, 7 on one actor and 6 on
+    the other: one actor idle for a 16-row task at the end, 8% of the job.)"""
+    size = min(most, -(-total // (actors * tasks_per_actor)))
+    return size if size < batch_size else -(-size // batch_size) * batch_size
+
+
+def _blocks(tables: list, total: int, size: int) -> list:
+    """The input as one table cut into blocks of ``size`` rows."""
     import pyarrow as pa
 
-    batches = -(-total // 16 // batch_size) or 1
-    size = max(batch_size, min(per_block, batches * batch_size))
     table = pa.concat_tables(tables).combine_chunks()
     return [table.slice(start, size) for start in range(0, total, size)]
 

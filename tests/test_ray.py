@@ -146,3 +146,17 @@ def test_scan_ray_without_the_extra_exits_2_with_the_install_command(tmp_path, m
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'edgeguard[ray]'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("total,actors,batch", [(200, 2, 16), (64, 2, 16), (10_000, 2, 16), (10**6, 4, 16),
+                                                (5, 2, 16), (1, 1, 16), (3_000, 2, 4), (999, 3, 7)])
+def test_blocks_leave_a_short_tail_and_hold_whole_batches(total, actors, batch):
+    size = eg_ray._block_rows(total, actors, batch)
+    assert 1 <= size <= 4096
+    assert size < batch or size % batch == 0  # a block of at least a batch holds whole batches
+    if size < 4096:  # the last task is at most ~1/32 of an actor's share (plus one batch's rounding)
+        assert size <= total / actors / 32 + batch
+    table = pa.table({"line": list(range(1, total + 1))})
+    blocks = eg_ray._blocks([table.slice(0, total // 2), table.slice(total // 2)], total, size)
+    assert [b.num_rows for b in blocks[:-1]] == [size] * (len(blocks) - 1) and 0 < blocks[-1].num_rows <= size
+    assert pa.concat_tables(blocks).column("line").to_pylist() == list(range(1, total + 1))
