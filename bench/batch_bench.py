@@ -46,7 +46,7 @@ def stream(args: dict) -> dict:
     folder, quant, threads = Path(args["folder"]), args["quant"], int(args["threads"])
     n_sessions, steps, fill = int(args.get("sessions", 8)), int(args.get("steps", 24)), int(args.get("fill", 512))
     ids = [1000 + (7919 * i) % 140000 for i in range(fill + 3 * steps + 8)]
-    options = {"flash_attn": args["flash_attn"]} if args.get("flash_attn") is not None else {}
+    options = {k: args[k] for k in ("flash_attn", "kv_type") if args.get(k) is not None}
     with edgeguard.load(folder, quant, n_threads=threads, max_sessions=n_sessions,
                         device=args.get("device", "cpu"), **options) as guard:
         prompts = [words(30, 50 + i) for i in range(n_sessions)]
@@ -76,8 +76,9 @@ def stream(args: dict) -> dict:
         alone, crowded, many = stats_ms(alone_t[2:]), stats_ms(one_t[2:]), stats_ms(many_t[2:])
         cached = guard.cached_tokens
         context = guard.context_size
+        kv_type = guard.kv_type
     return {"sessions": n_sessions, "fill": fill, "quant": quant, "threads": threads,
-            "flash_attn": args.get("flash_attn"),
+            "flash_attn": args.get("flash_attn"), "kv_type": kv_type,
             "one_session_alone_step": alone, "one_session_crowded_step": crowded, "batched_step": many,
             "step_ratio": many["median_ms"] / alone["median_ms"],
             "step_ratio_vs_crowded": many["median_ms"] / crowded["median_ms"],

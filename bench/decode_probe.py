@@ -8,9 +8,13 @@
   step of all 8;
 - keys: one sequence's single-token step at 100 / 2,000 / 4,000 / 7,000 cached tokens with
   plain attention, f16 keys against q8_0 keys (values f16 in both: what edgeguard's
-  "q8_0-keys" cache is), the two contexts timed in turns.
+  "q8_0-keys" cache is), the two contexts timed in turns;
+- crowdkv: 8 sequences of 512 tokens in one unified context with flash attention (edgeguard's
+  crowded Stream), K/V cache f16/f16, q8_0/f16 and q8_0/q8_0: ms per token of filling each
+  sequence (512 tokens in one decode), one sequence's step among them, one step of all 8, and
+  the KV cache's size.
 
-    python bench/decode_probe.py [--only prefill,backlog,layouts,keys]
+    python bench/decode_probe.py [--only prefill,backlog,layouts,keys,crowdkv]
     # plain full-vocabulary random 0.6B, Q4_K_M, 2 threads
 
 Medians of 5 (prefill: minima of 3). Weights are placed as edgeguard places them (AMX kept off
@@ -37,7 +41,7 @@ def main() -> int:
     import llama_cpp as L
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="prefill,backlog,layouts,keys")
+    ap.add_argument("--only", default="prefill,backlog,layouts,keys,crowdkv")
     only = set(ap.parse_args().only.split(","))
 
     from bench import models
@@ -49,9 +53,10 @@ def main() -> int:
     batch = L.llama_batch_init(512, 0, 1)
     rng = np.random.default_rng(0)
 
-    def context(n_seq: int, n_ctx: int, *, unified: bool = True, flash: bool = False, keys=L.GGML_TYPE_F16):
+    def context(n_seq: int, n_ctx: int, *, unified: bool = True, flash: bool = False, keys=L.GGML_TYPE_F16,
+                values=L.GGML_TYPE_F16):
         cp = L.llama_context_default_params()
-        cp.type_k = keys
+        cp.type_k, cp.type_v = keys, values
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, n_seq
         cp.kv_unified = unified
         cp.n_threads = cp.n_threads_batch = 2
@@ -144,6 +149,24 @@ def main() -> int:
             print(f"  {'unified' if unified else 'per-sequence streams'}, flash attention "
                   f"{'on' if flash else 'off'}: {statistics.median(one) * 1e3:.1f} / "
                   f"{statistics.median(all8) * 1e3:.1f}")
+            L.llama_free(ctx)
+    if "crowdkv" in only:
+        print("8 sequences of 512 tokens, unified cache, flash attention; K/V types: fill ms per token / "
+              "one sequence's step among them / one step of all 8 (ms) / state MiB")
+        f16, q8 = L.GGML_TYPE_F16, L.GGML_TYPE_Q8_0
+        for name, k, v in (("f16/f16", f16, f16), ("q8_0/f16", q8, f16), ("q8_0/q8_0", q8, q8)):
+            ctx = context(8, 8 * 576, flash=True, keys=k, values=v)
+            fill = sum(decode(ctx, [(s, p, t) for p, t in enumerate(tokens(512))], last_only=True) for s in range(8))
+            one, all8 = [], []
+            for _ in range(5):
+                one.append(decode(ctx, [(0, 512, 5000)]))
+                drop(ctx, 0, 512)
+                all8.append(decode(ctx, [(s, 512, 5000 + s) for s in range(8)]))
+                for s in range(8):
+                    drop(ctx, s, 512)
+            mib = L.llama_state_get_size(ctx) / 2**20
+            print(f"  {name}: {fill * 1e3 / (8 * 512):.2f} / {statistics.median(one) * 1e3:.1f} / "
+                  f"{statistics.median(all8) * 1e3:.1f} / {mib:.0f}")
             L.llama_free(ctx)
     L.llama_batch_free(batch)
     L.llama_model_free(model)

@@ -23,7 +23,6 @@ from edgeguard.llama_model import (  # noqa: F401  (re-exported: the llama.cpp l
     cpu_extra_buffer_types,
     default_threads,
     devices,
-    drop_mapped_pages,
     gpu_offload_supported,
     init_llama,
     load_model,
@@ -134,8 +133,6 @@ class Backend:
             self.n_vocab = self._vocab.n_vocab
             self.n_embd = llama_cpp.llama_model_n_embd(self._model)
             self._ctx = self._new_context()
-            if self.buffers.get("CPU_REPACK") or self.buffers.get("AMX"):
-                drop_mapped_pages(self._path)
             self._memory = llama_cpp.llama_get_memory(self._ctx)
         except BaseException:
             self.close()
@@ -170,6 +167,30 @@ class Backend:
             llama_cpp.llama_free(ctx)
             raise ModelError(f"llama.cpp gave a context smaller than n_ctx={self.n_ctx}")
         return ctx
+
+    def reshape(self, *, n_ctx: int, n_batch: int, kv_type: str, flash_attn: bool | None) -> None:
+        """Replace the context with an empty one of another size, batch, KV type or attention
+        kind, keeping the loaded weights (a reload would read and repack them again: ~1 s for
+        the 0.6B). Every sequence is empty afterwards; the caller moves their states over."""
+        if kv_type not in _KV_TYPES:
+            raise UsageError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
+        if n_ctx < 1 or n_batch < self.n_seq:
+            raise UsageError(f"n_ctx must be positive and n_batch at least n_seq ({self.n_seq}); "
+                             f"got {n_ctx}, {n_batch}")
+        if self._model is None:
+            raise RuntimeFailure("the backend is closed")
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if n_batch != self.n_batch:
+            for batch in self._batches.values():
+                batch.free()
+            self._batches = {}
+        self.n_ctx, self.n_batch, self.kv_type, self.flash_attn = n_ctx, n_batch, kv_type, flash_attn
+        self.n_past = [0] * self.n_seq
+        self._shared = [0] * self.n_seq
+        self._ctx = self._new_context()
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
 
     def _batch(self, kind: str) -> _Batch:
         if kind not in self._batches:

@@ -209,7 +209,7 @@ def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_
 
 
 def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: bool, *, long: bool,
-                   fits=None) -> str:
+                   crowded: bool = False, fits=None) -> str:
     """The KV cache's type for a context: as asked; else the fastest that ``fits(kv_type)`` (a
     memory budget; None: all do). On a CPU with plain attention, once the context is long (past
     engine.LONG_CTX cells), q8_0 keys with f16 values come first: each single-token step reads
@@ -217,10 +217,16 @@ def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: boo
     took 134 instead of 150 ms timed in turns (`python bench/decode_probe.py --only keys`; equal
     within noise in separate runs of bench/long_bench.py), with 0.77x the memory. A q8_0 cache (keys and values; flash attention needed) comes last: llama.cpp's
     CPU flash attention over quantized values is many times slower to fill. With flash
-    attention, and on a GPU, quantized keys are not offered (slower there too on a CPU)."""
+    attention on a CPU, the same holds for a long context that several sequences share
+    (``crowded``, where Stream turns flash attention on): 8 sequences of 512 tokens, one step
+    of all 8 took 255-286 instead of 353-364 ms and one sequence's step among them 54-59
+    instead of 78-88 ms, for 0.77x the memory, while filling a sequence cost 10.5-11.1 instead
+    of 6.8-9.0 ms a token (`python bench/decode_probe.py --only crowdkv`, two runs). Short
+    contexts keep ``default`` first, so a small crowd's scores stay those of each sequence
+    alone. A lone sequence with flash attention, and a GPU, keep ``default``."""
     if asked:
         return asked
-    if device == "cpu" and not flash_attn:
+    if device == "cpu" and (not flash_attn or crowded):
         order = ["q8_0-keys", default] if long else [default, "q8_0-keys"]
     else:
         order = [default]

@@ -206,6 +206,12 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: 
     params.n_gpu_layers = n_gpu_layers
     # Repacking quantized weights for faster CPU kernels keeps a second copy of them in RAM.
     params.use_extra_bufts = plan.extra_bufts
+    if plan.extra_bufts or plan.repack_tensors:
+        # Read the file instead of mapping it: with a mapping, ~160 MiB of its pages were
+        # resident beside the repacked copy after every decode, even right after madvise had
+        # dropped them. Stream, 8 sessions of 512 tokens: 1,194 -> 1,079 MiB, peak 1,279 ->
+        # 1,079 MiB; loading takes ~0.3 s longer.
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
     overrides = None
     if plan.repack_tensors:
         patterns = [p.encode() for p in plan.overrides()]
@@ -228,26 +234,21 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: 
     return model, plan, buffers
 
 
-def drop_mapped_pages(path: Path) -> None:
-    """Let the kernel drop this process's resident pages of the memory-mapped GGUF.
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
 
-    Repacking reads the quantized weights once from the mapping and keeps them in a buffer of
-    its own; their mapped pages would otherwise stay counted in the process's memory for
-    nothing. Pages still in use fault back in from the page cache (the mapping is read-only).
-    Linux only; elsewhere a no-op.
-    """
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
-        return
-    target = str(path.resolve())
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madv_dontneed = 4
-    for line in maps.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(start, end - start, madv_dontneed)
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere a no-op).
+    Python's and numpy's temporaries leave the heap fragmented: 8 Stream sessions of 512 tokens
+    kept ~19 MiB of free heap resident."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Vocab:

@@ -198,3 +198,21 @@ def test_a_batch_smaller_than_the_sequences_is_refused(models):
         Backend(models["full"], n_ctx=256, n_batch=4, n_seq=8)
     with Backend(models["full"], n_ctx=256, n_batch=8, n_seq=8) as be:
         assert be.n_batch == 8
+
+
+def test_reshape_keeps_the_weights_and_gives_an_empty_context(models, tokens):
+    """A context replaced in place (what the engine does when it grows) keeps the loaded model;
+    every sequence starts empty and decodes exactly as in a backend built that way."""
+    with Backend(models["full"], n_ctx=64, mode="embeddings", n_threads=2) as be:
+        model = be._model
+        be.eval(tokens)
+        with pytest.raises(UsageError, match="n_batch"):
+            be.reshape(n_ctx=256, n_batch=0, kv_type="f16", flash_attn=False)
+        be.reshape(n_ctx=256, n_batch=128, kv_type="q8_0-keys", flash_attn=False)
+        assert be._model == model  # the same llama_model pointer
+        assert (be.n_ctx, be.n_batch, be.kv_type, be.n_past, be.cached) == (256, 128, "q8_0-keys", [0], 0)
+        got = be.eval(tokens, outputs=range(len(tokens)))
+    with Backend(models["full"], n_ctx=256, mode="embeddings", n_batch=128, n_threads=2,
+                 kv_type="q8_0-keys", flash_attn=False) as fresh:
+        want = fresh.eval(tokens, outputs=range(len(tokens)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())

@@ -216,12 +216,14 @@ def test_stream_growth_moves_sessions_through_files_or_memory(stream_folder, mon
         monkeypatch.setattr(Backend, "state_to_file", refuse)
     monkeypatch.setattr(stream_module, "DEFAULTS", dataclasses.replace(stream_module.DEFAULTS, initial_ctx=32))
     with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
+        backend = g._engine.backend
         a, b = g.session(PROMPTS[0]), g.session(PROMPTS[1])
         got = {a: [], b: []}
         for i in range(0, len(ids), 8):
             for s, verdicts in g.feed_many({a: ids[i:i + 8], b: ids[i:i + 8]}).items():
                 got[s] += [v.scores for v in verdicts]
         assert g.timings.context_growths >= 1
+        assert g._engine.backend is backend  # grown in place: the weights were not loaded again
     for s, want in zip((a, b), expected):
         assert len(got[s]) == len(want)
         for x, y in zip(got[s], want):

@@ -55,6 +55,23 @@ def test_repacked_weights_never_use_amx_and_match_plain_kernels(q4_backbone):
     assert np.abs(repacked - unquantized).mean() <= 1.05 * np.abs(reference - unquantized).mean()
 
 
+def test_repacked_weights_are_read_not_mapped(q4_backbone):
+    """Repacking copies the weights into llama.cpp's own buffer, so the GGUF is read, not
+    memory-mapped: a mapping kept ~160 MiB of its pages resident beside the copy (0.6B Stream).
+    Without repacking the file stays mapped (the page cache is the only copy)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    path = str(q4_backbone.resolve())
+    with Backend(q4_backbone, n_ctx=64, mode="embeddings", repack=True) as fast:
+        if not fast.buffers.get("CPU_REPACK"):
+            pytest.skip("this llama.cpp build repacks none of these weights")
+        assert path not in maps.read_text()
+        fast.eval(embd=np.zeros((4, HIDDEN), np.float32), outputs=range(4))
+    with Backend(q4_backbone, n_ctx=64, mode="embeddings", repack=False):
+        assert path in maps.read_text()
+
+
 def test_plan_follows_this_build():
     info = system_info()
     with_amx = "AMX" in cpu_extra_buffer_types()

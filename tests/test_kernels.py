@@ -135,12 +135,17 @@ def test_flash_attention_choice():
 
 
 def test_kv_type_choice():
-    """q8_0 keys only for a long CPU context with plain attention, and only in place of f16."""
+    """q8_0 keys only for a long CPU context with plain attention or shared by a crowd, and
+    only in place of f16."""
     assert choose_kv_type(None, "f16", "cpu", False, long=True) == "q8_0-keys"
     assert choose_kv_type(None, "f16", "cpu", False, long=False) == "f16"
-    assert choose_kv_type(None, "f16", "cpu", True, long=True) == "f16"  # flash attention
+    assert choose_kv_type(None, "f16", "cpu", True, long=True) == "f16"  # flash attention, one sequence
+    assert choose_kv_type(None, "f16", "cpu", True, long=True, crowded=True) == "q8_0-keys"
+    assert choose_kv_type(None, "f16", "cpu", True, long=False, crowded=True) == "f16"  # a small crowd
+    assert choose_kv_type(None, "f16", "gpu", True, long=True, crowded=True) == "f16"
     assert choose_kv_type(None, "f16", "gpu", False, long=True) == "f16"
     assert choose_kv_type("f16", "f16", "cpu", False, long=True) == "f16"  # asked
+    assert choose_kv_type("f16", "f16", "cpu", True, long=True, crowded=True) == "f16"
 
 
 def test_memory_plan_picks_kv_type_and_cap():
