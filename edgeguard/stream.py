@@ -1,7 +1,7 @@
 """Stream engine: Qwen3Guard-Stream verdicts on a prompt and on every token of a response.
 
 The backbone GGUF (a dummy 8-token vocabulary) runs in llama.cpp on rows of the real embedding
-table, which stays memory-mapped beside it; the two classification heads run in onnxruntime.
+table, read row by row from its file (``embedding_rows``); the two classification heads run in onnxruntime.
 One guard hosts many live sessions, each in its own llama.cpp sequence: ``feed`` appends a
 session's new tokens in ONE decode whatever their number, and ``guard.feed_many`` decodes the
 new tokens of several sessions together, one decode for all of them.
