@@ -98,8 +98,9 @@ class Backend:
         verbose: bool = False,
     ) -> None:
         """``kv_type`` "q8_0" halves the KV cache's memory (llama.cpp then needs flash
-        attention), "q8_0-keys" quantizes the keys only; ``repack=False`` saves a second in-RAM copy of the quantized weights that
-        llama.cpp otherwise makes for its faster CPU kernels."""
+        attention), "q8_0-keys" quantizes the keys only; ``repack=False`` leaves the quantized weights in the
+        memory-mapped file (shared page cache) instead of the private copy that llama.cpp's
+        faster CPU kernels need."""
         if mode not in ("logits", "embeddings"):
             raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
         if kv_type not in _KV_TYPES:

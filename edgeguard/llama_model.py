@@ -204,7 +204,8 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = n_gpu_layers
-    # Repacking quantized weights for faster CPU kernels keeps a second copy of them in RAM.
+    # Repacked weights (faster CPU kernels) live in llama.cpp's own buffer, not in the file's
+    # page cache, which other processes loading the same file could share.
     params.use_extra_bufts = plan.extra_bufts
     if plan.extra_bufts or plan.repack_tensors:
         # Read the file instead of mapping it: with a mapping, ~160 MiB of its pages were
