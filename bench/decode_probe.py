@@ -83,6 +83,18 @@ def main() -> int:
     def drop(ctx, seq: int, pos: int) -> None:
         L.llama_memory_seq_rm(L.llama_get_memory(ctx), seq, pos, -1)
 
+    def crowd_steps(ctx) -> tuple[float, float]:
+        """8 sequences of 512 tokens in ``ctx``: medians of 5 (ms) of sequence 0's step alone
+        among them and of one step of all 8, each taken back afterwards."""
+        one, all8 = [], []
+        for _ in range(5):
+            one.append(decode(ctx, [(0, 512, 5000)]))
+            drop(ctx, 0, 512)
+            all8.append(decode(ctx, [(s, 512, 5000 + s) for s in range(8)]))
+            for s in range(8):
+                drop(ctx, s, 512)
+        return statistics.median(one) * 1e3, statistics.median(all8) * 1e3
+
     def tokens(n: int) -> list[int]:
         return [int(t) for t in rng.integers(1000, 100000, n)]
 
@@ -139,16 +151,9 @@ def main() -> int:
             ctx = context(8, 8 * 768, unified=unified, flash=flash)
             for s in range(8):
                 decode(ctx, [(s, p, t) for p, t in enumerate(tokens(512))])
-            one, all8 = [], []
-            for _ in range(5):
-                one.append(decode(ctx, [(0, 512, 5000)]))
-                drop(ctx, 0, 512)
-                all8.append(decode(ctx, [(s, 512, 5000 + s) for s in range(8)]))
-                for s in range(8):
-                    drop(ctx, s, 512)
+            one, all8 = crowd_steps(ctx)
             print(f"  {'unified' if unified else 'per-sequence streams'}, flash attention "
-                  f"{'on' if flash else 'off'}: {statistics.median(one) * 1e3:.1f} / "
-                  f"{statistics.median(all8) * 1e3:.1f}")
+                  f"{'on' if flash else 'off'}: {one:.1f} / {all8:.1f}")
             L.llama_free(ctx)
     if "crowdkv" in only:
         print("8 sequences of 512 tokens, unified cache, flash attention; K/V types: fill ms per token / "
@@ -157,16 +162,9 @@ def main() -> int:
         for name, k, v in (("f16/f16", f16, f16), ("q8_0/f16", q8, f16), ("q8_0/q8_0", q8, q8)):
             ctx = context(8, 8 * 576, flash=True, keys=k, values=v)
             fill = sum(decode(ctx, [(s, p, t) for p, t in enumerate(tokens(512))], last_only=True) for s in range(8))
-            one, all8 = [], []
-            for _ in range(5):
-                one.append(decode(ctx, [(0, 512, 5000)]))
-                drop(ctx, 0, 512)
-                all8.append(decode(ctx, [(s, 512, 5000 + s) for s in range(8)]))
-                for s in range(8):
-                    drop(ctx, s, 512)
+            one, all8 = crowd_steps(ctx)
             mib = L.llama_state_get_size(ctx) / 2**20
-            print(f"  {name}: {fill * 1e3 / (8 * 512):.2f} / {statistics.median(one) * 1e3:.1f} / "
-                  f"{statistics.median(all8) * 1e3:.1f} / {mib:.0f}")
+            print(f"  {name}: {fill * 1e3 / (8 * 512):.2f} / {one:.1f} / {all8:.1f} / {mib:.0f}")
             L.llama_free(ctx)
     L.llama_batch_free(batch)
     L.llama_model_free(model)

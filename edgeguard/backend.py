@@ -70,6 +70,17 @@ class _Batch:
         llama_cpp.llama_batch_free(self.raw)
 
 
+def _check_context(n_ctx: int, n_batch: int, n_seq: int, kv_type: str) -> None:
+    """A UsageError for a context llama.cpp would refuse, or abort the process on."""
+    if kv_type not in _KV_TYPES:
+        raise UsageError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
+    if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
+        raise UsageError(f"n_ctx, n_batch and n_seq (<= {MAX_SEQUENCES}) must be positive "
+                         f"(got {n_ctx}, {n_batch}, {n_seq})")
+    if n_batch < n_seq:  # llama.cpp reserves an output row per sequence in n_batch: abort
+        raise UsageError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
+
+
 class Backend:
     """One llama.cpp model and one context holding up to ``n_seq`` sequences.
 
@@ -103,13 +114,7 @@ class Backend:
         faster CPU kernels need."""
         if mode not in ("logits", "embeddings"):
             raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
-        if kv_type not in _KV_TYPES:
-            raise UsageError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
-        if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
-            raise UsageError(f"n_ctx, n_batch and n_seq (<= {MAX_SEQUENCES}) must be positive "
-                             f"(got {n_ctx}, {n_batch}, {n_seq})")
-        if n_batch < n_seq:  # llama.cpp reserves an output row per sequence in n_batch: abort
-            raise UsageError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
+        _check_context(n_ctx, n_batch, n_seq, kv_type)
         threads = default_threads() if n_threads is None else n_threads
         if threads < 1:
             raise UsageError(f"n_threads must be positive, got {threads}")
@@ -173,11 +178,7 @@ class Backend:
         """Replace the context with an empty one of another size, batch, KV type or attention
         kind, keeping the loaded weights (a reload would read and repack them again: ~1 s for
         the 0.6B). Every sequence is empty afterwards; the caller moves their states over."""
-        if kv_type not in _KV_TYPES:
-            raise UsageError(f"kv_type must be one of {', '.join(_KV_TYPES)}, got {kv_type!r}")
-        if n_ctx < 1 or n_batch < self.n_seq:
-            raise UsageError(f"n_ctx must be positive and n_batch at least n_seq ({self.n_seq}); "
-                             f"got {n_ctx}, {n_batch}")
+        _check_context(n_ctx, n_batch, self.n_seq, kv_type)
         if self._model is None:
             raise RuntimeFailure("the backend is closed")
         if self._ctx is not None:

@@ -209,10 +209,10 @@ class Engine:
         return self.defaults.crowd_flash and len(
             {s for s in range(self.n_seq) if self.backend.n_past[s]} | set(seqs)) > 1
 
-    def _flash_for(self, seqs: Sequence[int]) -> bool:
-        """The flash-attention setting for the sequences holding tokens once ``seqs`` are fed."""
+    def _flash_for(self, crowded: bool) -> bool:
+        """The flash-attention setting for a crowd (``_crowded``) or a lone sequence."""
         return choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn, self.device.device,
-                                 self.kv_type, crowded=self._crowded(seqs))
+                                 self.kv_type, crowded=crowded)
 
     def ensure_room(self, new_tokens: int, what: str, seqs: Sequence[int] = ()) -> None:
         """Make room for ``new_tokens`` more cached positions, growing the context up to the
@@ -222,8 +222,8 @@ class Engine:
         copied over) as soon as ``seqs`` make a second sequence hold tokens; it goes back off
         only when the context grows anyway, so sessions coming and going never make it flap."""
         needed = self.backend.cached + new_tokens
-        flash = self._flash_for(seqs)
         crowded = self._crowded(seqs)
+        flash = self._flash_for(crowded)
         if needed <= self.backend.n_ctx:
             if flash and not self.flash_attn:
                 self._rebuild(self.backend.n_ctx, flash, crowded)

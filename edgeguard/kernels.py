@@ -219,9 +219,9 @@ def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: boo
     CPU flash attention over quantized values is many times slower to fill. With flash
     attention on a CPU, the same holds for a long context that several sequences share
     (``crowded``, where Stream turns flash attention on): 8 sequences of 512 tokens, one step
-    of all 8 took 255-286 instead of 353-364 ms and one sequence's step among them 54-59
-    instead of 78-88 ms, for 0.77x the memory, while filling a sequence cost 10.5-11.1 instead
-    of 6.8-9.0 ms a token (`python bench/decode_probe.py --only crowdkv`, two runs). Short
+    of all 8 took 255-408 instead of 353-414 ms and one sequence's step among them 54-89
+    instead of 78-101 ms, for 0.77x the memory, while filling a sequence cost 10.5-11.3 instead
+    of 6.8-9.1 ms a token (`python bench/decode_probe.py --only crowdkv`, three runs). Short
     contexts keep ``default`` first, so a small crowd's scores stay those of each sequence
     alone. A lone sequence with flash attention, and a GPU, keep ``default``."""
     if asked:

@@ -150,12 +150,17 @@ def _counts(ray, actors: int | None, threads: int, batch_size: int, decode_batch
     return actors
 
 
-def _map(dataset, *, mode: str, model, quant, engine, policy, actors, threads_per_actor, batch_size,
-         decode_batch, device, offline, max_restarts):
-    ray = require_ray()
+def _checked(ray, device: str, actors: int | None, threads: int, batch_size: int, decode_batch: int) -> int:
+    """The device and counts checked; the number of actors (``_counts``)."""
     if device not in ("auto", "cpu", "gpu"):
         raise UsageError(f"device must be auto, cpu or gpu, got {device!r}")
-    actors = _counts(ray, actors, threads_per_actor, batch_size, decode_batch)
+    return _counts(ray, actors, threads, batch_size, decode_batch)
+
+
+def _map(dataset, *, mode: str, model, quant, engine, policy, actors: int, threads_per_actor, batch_size,
+         decode_batch, device, offline, max_restarts):
+    """``dataset`` through ``Moderator`` actors; ``actors``: as ``_checked`` returned it."""
+    ray = require_ray()
     folder, quant = _resolve(model, quant, engine, offline)
     dataset.context.execution_options.preserve_order = True
     with warnings.catch_warnings():
@@ -202,6 +207,7 @@ def moderate(dataset, model: str | Path | None = None, quant: str | None = None,
     taken = [c for c in VERDICT_COLUMNS + STREAM_COLUMNS + ("error",) if c in columns]
     if taken:
         raise UsageError(f"the dataset already has verdict column(s) {', '.join(taken)}; rename them first")
+    actors = _checked(require_ray(), device, actors, threads_per_actor, batch_size, decode_batch)
     return _map(dataset, mode="columns", model=model, quant=quant, engine=engine, policy=policy, actors=actors,
                 threads_per_actor=threads_per_actor, batch_size=batch_size, decode_batch=decode_batch,
                 device=device, offline=offline, max_restarts=max_restarts)
@@ -239,7 +245,7 @@ def scan_records(infile: Path, *, actors=None, threads_per_actor: int = 1, batch
     total = sum(t.num_rows for t in tables)
     if not total:
         return
-    actors = _counts(ray, actors, threads_per_actor, batch_size, 1)
+    actors = _checked(ray, model["device"], actors, threads_per_actor, batch_size, 1)
     size = _block_rows(total, actors, batch_size)
     dataset = ray.data.from_arrow(_blocks(tables, total, size))
     results = _map(dataset, mode="lines", actors=actors, threads_per_actor=threads_per_actor,

@@ -44,7 +44,9 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # repacked-weight and compute buffers, Python, a growth's transient), measured on an Intel Xeon
 # (0.6B Q4_K_M, `python bench/long_bench.py --only stream --runs edgeguard-budget-1GB`): with 200
 # a 1,000 MB budget peaked at 1,188 MB (1,133 MiB) after 7,000 tokens, of which 452 MiB q8_0
-# cache (7,424 cells) and 251 MiB weights: ~430 MiB of runtime.
+# cache (7,424 cells) and 251 MiB weights: ~430 MiB of runtime. Measured before a repacked model
+# was read instead of mapped and contexts grew in place, so now on the safe side (8 sessions of
+# 512 tokens: ~170 MB besides weights and KV at their peak); not rerun since.
 DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, crowd_flash=True, runtime_mb=450)
 
 
