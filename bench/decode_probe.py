@@ -2,7 +2,7 @@
 
 - prefill: ms per token of one decode of 32 / 108 / 201 / 309 tokens from an empty cache
   (logits for the last token only);
-- backlog: one sequence decoding 1 / 2 / 4 / 8 / 16 tokens at position 512 (logits for each);
+- backlog: one sequence decoding 1 / 2 / 4 / 8 / 16 / 32 tokens at position 512 (logits for each);
 - layouts: 8 sequences of 512 tokens in one context, unified KV or per-sequence streams
   (``kv_unified=false``), flash attention on or off: one sequence's step among them, and one
   step of all 8;
@@ -14,8 +14,9 @@
   sequence (512 tokens in one decode), one sequence's step among them, one step of all 8, and
   the KV cache's size.
 
-    python bench/decode_probe.py [--only prefill,backlog,layouts,keys,crowdkv]
-    # plain full-vocabulary random 0.6B, Q4_K_M, 2 threads
+    python bench/decode_probe.py [--only prefill,backlog,layouts,keys,crowdkv] [--model plain|stream]
+    # random 0.6B, Q4_K_M, 2 threads: the plain full-vocabulary GGUF (default), or Stream's
+    # backbone GGUF (dummy 8-token vocabulary: no vocabulary projection, what a Stream step runs)
 
 Medians of 5 (prefill: minima of 3). Weights are placed as edgeguard places them (AMX kept off
 on builds where it crashes).
@@ -42,12 +43,16 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="prefill,backlog,layouts,keys,crowdkv")
-    only = set(ap.parse_args().only.split(","))
+    ap.add_argument("--model", choices=("plain", "stream"), default="plain")
+    a = ap.parse_args()
+    only = set(a.only.split(","))
 
     from bench import models
     from edgeguard.llama_model import load_model
 
-    path = models.gguf_path(models.plain_model(only=("q4_k_m",)), "q4_k_m")
+    folder = (models.stream_model if a.model == "stream" else models.plain_model)(only=("q4_k_m",))
+    path = models.gguf_path(folder, "q4_k_m")
+    low, high = (0, 8) if a.model == "stream" else (1000, 100000)  # token ids drawn from this range
     L.llama_backend_init()
     model, _, _ = load_model(path, vocab_only=False, n_gpu_layers=0, verbose=False)
     batch = L.llama_batch_init(512, 0, 1)
@@ -88,15 +93,15 @@ def main() -> int:
         among them and of one step of all 8, each taken back afterwards."""
         one, all8 = [], []
         for _ in range(5):
-            one.append(decode(ctx, [(0, 512, 5000)]))
+            one.append(decode(ctx, [(0, 512, 1)]))
             drop(ctx, 0, 512)
-            all8.append(decode(ctx, [(s, 512, 5000 + s) for s in range(8)]))
+            all8.append(decode(ctx, [(s, 512, 1 + s % 7) for s in range(8)]))
             for s in range(8):
                 drop(ctx, s, 512)
         return statistics.median(one) * 1e3, statistics.median(all8) * 1e3
 
     def tokens(n: int) -> list[int]:
-        return [int(t) for t in rng.integers(1000, 100000, n)]
+        return [int(t) for t in rng.integers(low, high, n)]
 
     ctx = context(1, 1024)
     if "prefill" in only:
@@ -112,12 +117,13 @@ def main() -> int:
         drop(ctx, 0, 0)
         decode(ctx, [(0, p, t) for p, t in enumerate(tokens(512))])
         print("one sequence, a backlog of k tokens at position 512, ms:")
-        for k in (1, 2, 4, 8, 16):
+        for k in (1, 2, 4, 8, 16, 32):
             times = []
             for _ in range(5):
-                times.append(decode(ctx, [(0, 512 + i, 5000 + i) for i in range(k)]))
+                times.append(decode(ctx, [(0, 512 + i, 1 + i % 7) for i in range(k)]))
                 drop(ctx, 0, 512)
-            print(f"  k={k:2d}: {statistics.median(times) * 1e3:.1f}")
+            ms = statistics.median(times) * 1e3
+            print(f"  k={k:2d}: {ms:.1f} ({ms / k:.1f} a token)")
     L.llama_free(ctx)
 
     if "keys" in only:
@@ -135,7 +141,7 @@ def main() -> int:
             times = {k: [] for k in ctxs}
             for _ in range(9):
                 for k, c in ctxs.items():
-                    times[k].append(decode(c, [(0, n, 5000)]))
+                    times[k].append(decode(c, [(0, n, 1)]))
                     drop(c, 0, n)
             f16, q8 = (statistics.median(times[k]) * 1e3 for k in kinds)
             print(f"  {n:5d}: {f16:.1f} / {q8:.1f}  ({q8 / f16:.2f}x)")

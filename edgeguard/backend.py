@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgeguard.llama_model import (  # noqa: F401  (re-exported: the llama.cpp layer's API)
     Vocab,
+    check_threads,
     choose_device,
     cpu_extra_buffer_types,
     default_threads,
@@ -77,8 +78,9 @@ def _check_context(n_ctx: int, n_batch: int, n_seq: int, kv_type: str) -> None:
     if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
         raise UsageError(f"n_ctx, n_batch and n_seq (<= {MAX_SEQUENCES}) must be positive "
                          f"(got {n_ctx}, {n_batch}, {n_seq})")
-    if n_batch < n_seq:  # llama.cpp reserves an output row per sequence in n_batch: abort
-        raise UsageError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
+    # llama.cpp reserves an output row per sequence in min(n_ctx, n_batch), and aborts if short
+    if n_batch < n_seq or n_ctx < n_seq:
+        raise UsageError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be at least n_seq ({n_seq})")
 
 
 class Backend:
@@ -115,9 +117,7 @@ class Backend:
         if mode not in ("logits", "embeddings"):
             raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
         _check_context(n_ctx, n_batch, n_seq, kv_type)
-        threads = default_threads() if n_threads is None else n_threads
-        if threads < 1:
-            raise UsageError(f"n_threads must be positive, got {threads}")
+        threads = default_threads() if n_threads is None else check_threads(n_threads)
         self.mode = mode
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -383,7 +383,7 @@ class Backend:
         """The Hadamard blocks llama.cpp rotates a quantized cache by (kv_state)."""
         return kv_state.rotations(self.head_dim)
 
-    def _convert_failed(self, e: RuntimeFailure) -> bool:
+    def _convert_failed(self, e: Exception) -> bool:
         log.warning("cannot convert a sequence state to this context's cache layout: %s", e)
         return False
 
@@ -405,7 +405,11 @@ class Backend:
         self._check_seq(seq)
         no_tokens = (llama_cpp.llama_token * 1)()
         native_error[0] = ""
-        return llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), seq, no_tokens, 0) > 0
+        if llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), seq, no_tokens, 0) <= 0:
+            return False
+        # llama.cpp ignores a failed last write (a full disk) and its loader aborts the process
+        # on a short file: check the size (the file adds a 4-byte token count to the state).
+        return os.path.getsize(path) == llama_cpp.llama_state_seq_get_size(ctx, seq) + 4
 
     def restore_from_file(self, path: str | os.PathLike[str], n_past: int, seq: int = 0) -> bool:
         """``restore`` from a ``state_to_file`` file, read layer by layer (converted in place
@@ -414,7 +418,7 @@ class Backend:
         if self.layout is not None:
             try:
                 kv_state.convert_file(path, self.layout, self.rotations)
-            except RuntimeFailure as e:
+            except (RuntimeFailure, OSError) as e:  # OSError: no room for the converted copy
                 return self._convert_failed(e)
         def load(ctx) -> bool:
             tokens, count = (llama_cpp.llama_token * 1)(), ctypes.c_size_t(0)

@@ -113,6 +113,7 @@ class Engine:
         self.max_ctx = options.n_ctx or max_ctx
         self.max_cached = options.max_cached_tokens or self.max_ctx
         self.n_seq = n_seq
+        self._check_cap("n_ctx and max_cached_tokens allow")
         self.timings = Timings()
         self._held: list[list[int]] = [[] for _ in range(n_seq)]  # the tokens each sequence holds
         self._free = list(range(n_seq - 1, -1, -1))
@@ -128,17 +129,25 @@ class Engine:
         try:
             plan = plan_memory(options.max_memory_mb, weights_mb=b.weights_mb, kv_values_per_token=b.kv_values_per_token,
                                candidates=candidates, max_ctx=self.max_ctx, runtime_mb=defaults.runtime_mb)
+            self.memory_plan = plan
+            self.max_cached = min(self.max_cached, plan.max_tokens)
+            self._check_cap(f"a memory budget of {options.max_memory_mb} MB leaves room for")
         except BaseException:
             self.close()
             raise
-        self.memory_plan = plan
-        self.max_cached = min(self.max_cached, plan.max_tokens)
         size = min(self.max_cached, defaults.initial_ctx)
         kv = self._kv_for(size, self.flash_attn)
         if kv != self.kv_type or size != b.n_ctx:
             self.kv_type = kv
             self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device, kv)
             self._reshape(size)
+
+    def _check_cap(self, what: str) -> None:
+        """llama.cpp aborts on a context with fewer cells than sequences: a clear error instead."""
+        cap = min(self.max_ctx, self.max_cached)
+        if cap < self.n_seq:
+            raise UsageError(f"{what} {cap} cached tokens; this guard needs at least {self.n_seq} "
+                             f"(one per sequence)")
 
     def _kv_for(self, size: int, flash: bool, crowded: bool = False) -> str:
         """The KV type for a context of ``size`` cells (``kernels.choose_kv_type``)."""

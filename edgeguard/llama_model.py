@@ -11,7 +11,9 @@ import ctypes
 import functools
 import os
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgeguard import native_order
@@ -21,11 +23,12 @@ native_order.load_onnxruntime_first()
 import llama_cpp  # noqa: E402
 
 from edgeguard import kernels  # noqa: E402
-from edgeguard.errors import ModelError, RuntimeFailure, UsageError  # noqa: E402
+from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError  # noqa: E402
 from edgeguard.kernels import KernelPlan, SystemInfo, TensorInfo, amx_allowed, plan_kernels
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)
 _GGUF_MAGIC = b"GGUF"
+MAX_TEXT_BYTES = 2**31 - 64  # llama_tokenize's text length and token capacity are C ints
 native_error = [""]
 _GGML_LOG_LEVEL_INFO = 2
 _BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
@@ -62,16 +65,35 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def max_threads() -> int:
+    """The most threads a backend takes: llama.cpp's own limit (512), and 4x the CPUs (more
+    only slow its spinning threads down, and an OpenMP build exits the process when it cannot
+    create them, for example past a container's thread limit)."""
+    return min(512, 4 * _cpus())
+
+
+def check_threads(n: int, what: str = "n_threads") -> int:
+    if not 1 <= n <= max_threads():
+        raise UsageError(f"{what} must be between 1 and {max_threads()} (4x this machine's CPUs, "
+                         f"at most 512), got {n}")
+    return n
+
+
 def default_threads() -> int:
     """``EDGEGUARD_THREADS`` if set, else the CPUs this process may run on."""
     env = os.environ.get("EDGEGUARD_THREADS", "").strip()
     if env:
-        if not env.isdigit() or int(env) < 1:
+        if not env.isdigit():
             raise UsageError(f"EDGEGUARD_THREADS must be a positive integer, got {env!r}")
-        return int(env)
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        return check_threads(int(env), "EDGEGUARD_THREADS")
+    return _cpus()
 
 
 @functools.lru_cache(maxsize=1)
@@ -262,6 +284,10 @@ class Vocab:
 
     def _bind(self, vocab, path) -> None:
         self._vocab = vocab
+        # Calls run outside any guard lock (tokenizing is parallel); close() waits for them
+        # before the model can be freed under a running call.
+        self._users = 0
+        self._idle = threading.Condition()
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         # llama.cpp aborts the process when asked to tokenize with a dummy ("none") vocabulary.
         self._no_tokenizer: str | None = None
@@ -277,25 +303,43 @@ class Vocab:
         self._bind(llama_cpp.llama_model_get_vocab(model), path)
         return self
 
-    def _live_vocab(self):
-        if self._vocab is None:
-            raise RuntimeFailure("the vocabulary is closed")
-        if self._no_tokenizer:
-            raise ModelError(self._no_tokenizer)
-        return self._vocab
+    @contextmanager
+    def _live_vocab(self, tokenizer: bool = True) -> Iterator:
+        """The llama.cpp vocabulary, kept alive (``close`` waits) while the block runs."""
+        with self._idle:
+            if self._vocab is None:
+                raise RuntimeFailure("the vocabulary is closed")
+            if tokenizer and self._no_tokenizer:
+                raise ModelError(self._no_tokenizer)
+            self._users += 1
+        try:
+            yield self._vocab
+        finally:
+            with self._idle:
+                self._users -= 1
+                self._idle.notify_all()
+
+    def _check_ids(self, tokens: Sequence[int]) -> None:
+        # llama.cpp throws std::out_of_range (the process terminates) for an unknown id
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
 
     def _tokenize(self, text: str, *, parse_special: bool) -> list[int]:
-        vocab = self._live_vocab()
         data = text.encode("utf-8")
         if not data:
             return []
+        if len(data) > MAX_TEXT_BYTES:  # llama.cpp takes the length as a C int: it would wrap
+            raise InputTooLong(f"a text of {len(data)} bytes is over the {MAX_TEXT_BYTES} bytes llama.cpp "
+                               "can tokenize")
         capacity = len(data) + 8
-        for _ in range(2):
-            buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, False, parse_special)
-            if n >= 0:
-                return buf[:n]
-            capacity = -n
+        with self._live_vocab() as vocab:
+            for _ in range(2):
+                buf = (llama_cpp.llama_token * capacity)()
+                n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, False, parse_special)
+                if n >= 0:
+                    return buf[:n]
+                capacity = -n
         raise RuntimeFailure(f"llama.cpp could not tokenize a text of {len(data)} bytes")
 
     def tokenize(self, text: str) -> list[int]:
@@ -311,49 +355,53 @@ class Vocab:
 
     def piece(self, token: int) -> bytes:
         """The raw bytes of one token (special tokens rendered as their text)."""
-        vocab = self._live_vocab()
+        self._check_ids([token])
         size = 32
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, True)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        with self._live_vocab() as vocab:
+            for _ in range(2):
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, True)
+                if n >= 0:
+                    return buf.raw[:n]
+                size = -n
         raise RuntimeFailure(f"llama.cpp could not render token {token}")
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         """The raw bytes of a token sequence, special tokens included as text."""
-        vocab = self._live_vocab()
+        self._check_ids(tokens)
         ids = (llama_cpp.llama_token * len(tokens))(*tokens)
         size = max(64, 8 * len(tokens))
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, size, False, True)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        with self._live_vocab() as vocab:
+            for _ in range(2):
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_detokenize(vocab, ids, len(tokens), buf, size, False, True)
+                if n >= 0:
+                    return buf.raw[:n]
+                size = -n
         raise RuntimeFailure(f"llama.cpp could not detokenize {len(tokens)} tokens")
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as text (for example ``tokenizer.chat_template``), None if absent."""
-        if self._model is None:
-            raise RuntimeFailure("the vocabulary is closed")
         size = 256
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.raw[:n].decode("utf-8", "replace")
-            size = n + 1
+        with self._live_vocab(tokenizer=False):
+            for _ in range(2):
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+                if n < 0:
+                    return None
+                if n < size:
+                    return buf.raw[:n].decode("utf-8", "replace")
+                size = n + 1
         raise RuntimeFailure(f"llama.cpp could not read metadata {key!r}")
 
     def close(self) -> None:
-        if self._owns_model and self._model is not None:
-            llama_cpp.llama_model_free(self._model)
-        self._model = None
-        self._vocab = None
+        """Refuse new calls, wait for running ones (another thread's tokenize), then free."""
+        with self._idle:
+            self._vocab = None
+            self._idle.wait_for(lambda: self._users == 0)
+            model, self._model = self._model, None
+        if self._owns_model and model is not None:
+            llama_cpp.llama_model_free(model)
 
     def __enter__(self) -> Vocab:
         return self

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from edgeguard import llama_model
 from edgeguard.backend import Backend, Vocab
-from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
 from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 
 N_VOCAB = 1000
@@ -191,13 +199,105 @@ def test_dummy_vocabulary_backbone_refuses_to_tokenize_instead_of_aborting(model
             be.vocab.piece(1)
 
 
-def test_a_batch_smaller_than_the_sequences_is_refused(models):
-    """llama.cpp reserves an output row per sequence in ``n_batch`` and aborts the process when
-    they do not fit; the Backend refuses such a pair before llama.cpp sees it."""
+def test_a_context_or_batch_smaller_than_the_sequences_is_refused(models):
+    """llama.cpp reserves an output row per sequence in min(n_ctx, n_batch) and aborts the
+    process when they do not fit; the Backend refuses such a context before llama.cpp sees it."""
     with pytest.raises(UsageError, match="n_batch"):
         Backend(models["full"], n_ctx=256, n_batch=4, n_seq=8)
+    with pytest.raises(UsageError, match="n_ctx"):
+        Backend(models["full"], n_ctx=8, n_batch=512, n_seq=16)
     with Backend(models["full"], n_ctx=256, n_batch=8, n_seq=8) as be:
         assert be.n_batch == 8
+        with pytest.raises(UsageError, match="n_ctx"):
+            be.reshape(n_ctx=4, n_batch=512, kv_type="f16", flash_attn=False)
+    with Backend(models["full"], n_ctx=16, n_batch=512, n_seq=16) as be:
+        assert be.n_ctx >= 16
+
+
+def test_out_of_range_token_ids_are_refused_not_rendered(models):
+    """llama.cpp's piece and detokenize look ids up with ``at()``: an unknown id throws through
+    the C API and terminates the process."""
+    with Vocab(models["full"]) as vocab:
+        for bad in (-1, N_VOCAB, 10**7):
+            with pytest.raises(UsageError, match="outside the vocabulary"):
+                vocab.piece(bad)
+            with pytest.raises(UsageError, match="outside the vocabulary"):
+                vocab.detokenize([5, bad])
+        assert vocab.detokenize(vocab.tokenize("fox")) == b"fox"
+
+
+def test_texts_past_a_c_int_are_refused(models, monkeypatch):
+    """llama_tokenize takes the text's length and the token capacity (length + 8) as C ints; a
+    longer text would wrap to a negative length and terminate the process."""
+    assert llama_model.MAX_TEXT_BYTES + 8 <= 2**31 - 1
+    monkeypatch.setattr(llama_model, "MAX_TEXT_BYTES", 16)  # a 2 GiB text would need ~10 GB here
+    with Vocab(models["full"]) as vocab:
+        assert vocab.tokenize("x" * 16)
+        with pytest.raises(InputTooLong, match="17 bytes"):
+            vocab.tokenize("x" * 17)
+
+
+def test_thread_counts_past_the_limit_are_refused(models, monkeypatch):
+    """An OpenMP build of llama.cpp exits the process when it cannot create its threads."""
+    top = llama_model.max_threads()
+    assert 1 <= top <= 512
+    for bad in (0, top + 1, 3000):
+        with pytest.raises(UsageError, match="n_threads"):
+            Backend(models["full"], n_ctx=32, n_threads=bad)
+    monkeypatch.setenv("EDGEGUARD_THREADS", str(top + 1))
+    with pytest.raises(UsageError, match="EDGEGUARD_THREADS"):
+        Backend(models["full"], n_ctx=32)
+
+
+def test_close_waits_for_a_tokenize_running_in_another_thread(models):
+    """A guard's text is tokenized outside its lock; closing the vocabulary meanwhile must not
+    free the model under the running call (a use after free): close waits, later calls fail."""
+    vocab = Vocab(models["full"])
+    text = TEXT * 20000  # ~1.3 MB: each call takes a while
+    outcome = []
+    started = threading.Event()
+
+    def work():
+        try:
+            while True:
+                started.set()
+                assert len(vocab.tokenize(text)) > 100000
+        except RuntimeFailure as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()
+    time.sleep(0.05)
+    vocab.close()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert outcome == ["the vocabulary is closed"]
+    assert vocab._users == 0 and vocab._model is None
+
+
+def test_a_short_state_file_is_reported_not_loaded(models, tokens, tmp_path):
+    """llama.cpp's file writer ignores a failed last write (a full disk) and its loader aborts
+    on a short file; state_to_file checks the size. Run in a child, which may set a file size
+    limit inside the last buffer of the file."""
+    script = textwrap.dedent(f"""
+        import os, resource, signal
+        import llama_cpp
+        from edgeguard.backend import Backend
+        with Backend({str(models["full"])!r}, n_ctx=64, n_threads=1) as be:
+            be.eval({list(tokens)!r})
+            whole = llama_cpp.llama_state_seq_get_size(be._ctx, 0) + 4
+            assert be.state_to_file({str(tmp_path / "full.kv")!r})
+            assert os.path.getsize({str(tmp_path / "full.kv")!r}) == whole
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (whole - 100, whole - 100))
+            ok = be.state_to_file({str(tmp_path / "short.kv")!r})
+            print("short", ok, os.path.getsize({str(tmp_path / "short.kv")!r}) < whole)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "short False True" in proc.stdout
 
 
 def test_reshape_keeps_the_weights_and_gives_an_empty_context(models, tokens):

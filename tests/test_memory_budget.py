@@ -73,3 +73,15 @@ def test_budget_caps_the_context(folder, sizes):
         assert g.check("short").label in ("Safe", "Unsafe", "Controversial")
     with pytest.raises(UsageError, match="raise max_memory_mb"):
         StreamGuard(folder, manifest, "f16", options=StreamOptions(max_memory_mb=int(weights_mb) + 10))
+
+
+def test_caps_below_one_cell_per_session_are_refused(folder):
+    """llama.cpp aborts the process on a context with fewer cells than sequences (it reserves an
+    output row per sequence); a guard whose caps allow that is a clear UsageError instead."""
+    manifest = Manifest.read(folder)
+    for options in (StreamOptions(n_ctx=8), StreamOptions(max_cached_tokens=8, max_memory_mb=100000),
+                    StreamOptions(max_sessions=64, n_ctx=63)):
+        with pytest.raises(UsageError, match=f"needs at least {options.max_sessions}"):
+            StreamGuard(folder, manifest, "f16", options=options)
+    with StreamGuard(folder, manifest, "f16", options=StreamOptions(n_ctx=16)) as g:
+        assert g.check("hi").label in ("Safe", "Unsafe", "Controversial")
