@@ -208,16 +208,23 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="stream,gen")
     ap.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
+    ap.add_argument("--positions", default=None, help="Stream: comma-separated response positions "
+                    f"(default: {','.join(map(str, POSITIONS))})")
+    ap.add_argument("--probe", type=int, default=6, help="Stream: single-token feeds timed at each position")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per run (a budget's q8_0 cache is slow)")
     a = ap.parse_args()
-    positions = [p for p in POSITIONS if not a.quick or p <= 2000]
+    positions = [int(p) for p in a.positions.split(",")] if a.positions else POSITIONS
+    positions = [p for p in positions if not a.quick or p <= 2000]
     lengths = [n for n in LENGTHS if not a.quick or n <= 2000]
     only = set(a.only.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     paths = models.all_models(log=print, only=("q4_k_m",))
     res = {"command": "python bench/long_bench.py" + (" --quick" if a.quick else "") + f" --threads {a.threads}"
-           + (f" --only {a.only}" if a.only != "stream,gen" else "") + (f" --runs {a.runs}" if a.runs else ""),
+           + (f" --only {a.only}" if a.only != "stream,gen" else "") + (f" --runs {a.runs}" if a.runs else "")
+           + (f" --positions {a.positions}" if a.positions else "") + (f" --probe {a.probe}" if a.probe != 6 else "")
+           + (f" --timeout {a.timeout:.0f}" if a.timeout != 1200 else ""),
            "machine": machine_info(), "threads": a.threads, "positions": positions, "lengths": lengths}
-    common = {"threads": a.threads, "positions": positions, "probe": 6}
+    common = {"threads": a.threads, "positions": positions, "probe": a.probe}
 
     def log(msg):
         print(f"[long {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -234,7 +241,8 @@ def main() -> int:
             if a.runs and name not in a.runs.split(","):
                 continue
             log(f"stream {name}")
-            res["stream"][name] = run_worker("long_bench", task, {**common, **extra, "tag": name}, timeout=1200)
+            res["stream"][name] = run_worker("long_bench", task, {**common, **extra, "tag": name},
+                                             timeout=a.timeout)
             (a.out / "long.json").write_text(json.dumps(res, indent=1))  # what is done survives a kill
     if "gen" in only:
         res["gen"] = {"edgeguard": [], "edgeguard-budget-1GB": [], "bare-generation": []}
@@ -247,7 +255,7 @@ def main() -> int:
                 log(f"gen {name} ~{n} tokens")
                 res["gen"][name].append(run_worker("long_bench", task, {"folder": paths["gen"], "threads": a.threads,
                                                                          "length": n, "tag": f"{name}-{n}", **extra},
-                                                   timeout=1200))
+                                                   timeout=a.timeout))
                 (a.out / "long.json").write_text(json.dumps(res, indent=1))
     res["gen"] = {k: v for k, v in res.get("gen", {}).items() if v}
     res["machine"]["loadavg_end"] = list(__import__("os").getloadavg())

@@ -42,12 +42,12 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # context length.
 # runtime_mb: a Stream process's memory besides weights and KV cache (onnxruntime and its heads,
 # repacked-weight and compute buffers, Python, a growth's transient), measured on an Intel Xeon
-# (0.6B Q4_K_M, `python bench/long_bench.py --only stream --runs edgeguard-budget-1GB`): with 200
-# a 1,000 MB budget peaked at 1,188 MB (1,133 MiB) after 7,000 tokens, of which 452 MiB q8_0
-# cache (7,424 cells) and 251 MiB weights: ~430 MiB of runtime. Measured before a repacked model
-# was read instead of mapped and contexts grew in place, so now on the safe side (8 sessions of
-# 512 tokens: ~170 MB besides weights and KV at their peak); not rerun since.
-DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, crowd_flash=True, runtime_mb=450)
+# (0.6B Q4_K_M, one session fed to 7,000 tokens, bench/long_bench.py's stream_edgeguard worker):
+# without a budget the peak was 1,134 MB with 629 MB of q8_0-keys cache (7,168 cells) and
+# ~263 MB of weights: ~240 MB of runtime; under max_memory_mb=1000 with 300 here the session
+# reached 7,000 tokens (q8_0 cache, 7,168 cells) at a peak of 909 MB (with 450, it was refused
+# at 5,030 tokens, peak 781 MB).
+DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, crowd_flash=True, runtime_mb=300)
 
 
 @dataclass(frozen=True)
