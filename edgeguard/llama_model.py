@@ -24,6 +24,7 @@ import llama_cpp  # noqa: E402
 
 from edgeguard import kernels  # noqa: E402
 from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError  # noqa: E402
+from edgeguard.gguf_meta import check_metadata  # noqa: E402
 from edgeguard.kernels import KernelPlan, SystemInfo, TensorInfo, amx_allowed, plan_kernels
 
 _GGML_LOG_LEVEL_ERROR = 4  # ggml.h in 0.3.36 (llama_cpp/_logger.py still says 3)
@@ -220,6 +221,7 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: 
         raise ModelError(f"cannot read model file {path}: {exc.strerror}") from exc
     if magic != _GGUF_MAGIC:
         raise ModelError(f"not a GGUF file: {path}")
+    check_metadata(path)  # values llama.cpp aborts on
     init_llama(verbose)
     plan = (KernelPlan(False, (), "vocabulary only") if vocab_only
             else kernel_plan(path, repack=repack, n_gpu_layers=n_gpu_layers))

@@ -316,3 +316,36 @@ def test_reshape_keeps_the_weights_and_gives_an_empty_context(models, tokens):
                  kv_type="q8_0-keys", flash_attn=False) as fresh:
         want = fresh.eval(tokens, outputs=range(len(tokens)))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("key,value", [("qwen3.block_count", 0), ("qwen3.block_count", 1000),
+                                       ("qwen3.attention.layer_norm_rms_epsilon", float("nan")),
+                                       ("qwen3.attention.layer_norm_rms_epsilon", -1.0)])
+def test_metadata_llama_cpp_aborts_on_is_a_model_error(models, tmp_path, key, value):
+    """Each of these values made llama.cpp 0.3.36 abort the process at load (fuzzing, child
+    processes); the load is refused first. Run in a child so a regression fails the test
+    instead of killing the test run."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    path = tmp_path / "damaged.gguf"
+    shutil.copy(models["full"], path)
+    reader = GGUFReader(str(path), "r+")
+    reader.fields[key].parts[-1][0] = value
+    reader.data.flush()
+    del reader
+    script = textwrap.dedent(f"""
+        from edgeguard.backend import Backend, Vocab
+        from edgeguard.errors import ModelError
+        for load in (lambda: Backend({str(path)!r}, n_ctx=32, n_threads=1), lambda: Vocab({str(path)!r})):
+            try:
+                load()
+            except ModelError as e:
+                print("refused:", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(key in line and "damaged" in line for line in lines), proc.stdout
