@@ -6,6 +6,7 @@ Every size comes from config.json; every tensor's shape is checked against it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def _int(config: dict, key: str, default=None) -> int:
 
 def _float(config: dict, key: str, default=None) -> float:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConversionError(f"config.json: field {key!r} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConversionError(f"config.json: field {key!r} must be a positive finite number, got {value!r}")
     return float(value)
 
 

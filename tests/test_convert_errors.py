@@ -117,3 +117,14 @@ def test_reconvert_replaces_previous_model(gen_ckpt, tmp_path):
     second = json.loads((out / "manifest.json").read_text())
     assert first["quants"] == ["f16"] and second["quants"] == ["q8_0"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *second["files"]])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e-6])
+def test_non_finite_or_negative_norm_epsilon(gen_ckpt, tmp_path, value):
+    """A NaN epsilon converted fine before and then aborted llama.cpp at the first check."""
+    ckpt = copy_ckpt(gen_ckpt, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["rms_norm_eps"] = value  # json.dumps writes NaN / Infinity, which json.loads reads back
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_clean_failure(run_convert(ckpt, out), out, 3, "rms_norm_eps", "positive finite number")
