@@ -9,7 +9,8 @@ ModelError. Not covered yet: token strings that are not UTF-8 (also an abort); c
 Reads the key/value section (GGUF v2/v3 layout: magic, version, tensor count, key count, then
 per key: string, value type, value) through a memory map, stopping once both keys are found
 (they precede the tokenizer's arrays in converted files): no tensor data is touched. A file this
-reader cannot follow is left to llama.cpp's own checks.
+reader cannot follow is left to llama.cpp's own checks. (The ``gguf`` package's GGUFReader,
+used for tensor placement, parses every token string into arrays: seconds per load.)
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class _Cursor:
         self.at += n
         return self.buf[self.at - n:self.at]
 
-    def value(self, kind: int, keep: bool):
-        """The value (kept for scalars and strings; for arrays only string arrays, as a list)."""
+    def value(self, kind: int):
+        """A scalar or string value; arrays are skipped (None)."""
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
         if kind == _STRING:
@@ -59,8 +60,9 @@ class _Cursor:
             raise _Stop
         item, n = self.take("<I"), self.take("<Q")
         if item == _STRING:
-            items = [self.string() for _ in range(n)]
-            return items if keep else None
+            for _ in range(n):
+                self.string()
+            return None
         if item not in _SCALARS:
             raise _Stop
         size = struct.calcsize(_SCALARS[item]) * n
@@ -90,9 +92,8 @@ def _metadata(buf) -> dict[str, object] | None:
         found = {}
         for _ in range(c.take("<Q")):
             key = bytes(c.string()).decode("utf-8", "replace")
-            keep = _wanted(key)
-            value = c.value(c.take("<I"), keep=keep)
-            if keep:
+            value = c.value(c.take("<I"))
+            if _wanted(key):
                 found[key] = bytes(value) if isinstance(value, memoryview) else value
                 if len(found) == 3:
                     break
