@@ -1,32 +1,22 @@
-"""The README's "Server" examples (curl, OpenAI client, WebSocket) run as written against a real
-server; only the port differs."""
+"""The server examples of README.md and docs/server.md (curl, OpenAI client, WebSocket) run as
+written against a real server; only the port differs."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from tests.test_docs import example
 from tests.test_server import Server, cache_env, gen_model, stream_model  # noqa: F401
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def example(name: str, lang: str) -> str:
-    text = README.read_text(encoding="utf-8")
-    match = re.search(rf"<!-- example: {name} .*?-->\n```{lang}\n(.*?)```", text, re.S)
-    assert match, f"README has no example {name!r}"
-    return match.group(1)
 
 
 @pytest.fixture(scope="module")
-def server(gen_model, stream_model, cache_env):  # noqa: F811
+def server(gen_model, stream_model, cache_env):
     srv = Server("--model", gen_model, "--stream-model", stream_model, env=cache_env)
     yield srv
     assert srv.stop() == 0, srv.stderr
@@ -40,7 +30,7 @@ def on_port(code: str, port: int) -> str:
 def run_python(code: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "server example", "exec"), {})
     return out.getvalue()
 
 
