@@ -33,21 +33,32 @@ def cli_runs(args: dict) -> dict:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             wall = time.perf_counter() - t0
             ok = p.returncode in (0, 1)
-            runs.append({"run": i + 1, "prefix_cache": "empty" if i == 0 else "persisted", "wall_s": wall,
-                         "exit": p.returncode, "ok": ok,
-                         "label": json.loads(p.stdout).get("label") if ok and p.stdout.strip() else None,
-                         "stderr": p.stderr[-300:] if not ok else ""})
+            runs.append(
+                {
+                    "run": i + 1,
+                    "prefix_cache": "empty" if i == 0 else "persisted",
+                    "wall_s": wall,
+                    "exit": p.returncode,
+                    "ok": ok,
+                    "label": json.loads(p.stdout).get("label") if ok and p.stdout.strip() else None,
+                    "stderr": p.stderr[-300:] if not ok else "",
+                }
+            )
         prefix_files = [f.name for f in Path(cache).rglob("*.kv")]
-    return {"command": f"edgeguard check TEXT --model {args['folder']} --quant {args['quant']} --json",
-            "runs": runs, "prefix_files": prefix_files}
+    return {
+        "command": f"edgeguard check TEXT --model {args['folder']} --quant {args['quant']} --json",
+        "runs": runs,
+        "prefix_files": prefix_files,
+    }
 
 
 def phases(args: dict) -> dict:
     """Inside one cold process: import, load (with the persisted prefix), first check."""
     t_start = time.perf_counter()
-    import edgeguard
-    import edgeguard.gen  # noqa: F401
     import llama_cpp  # noqa: F401
+
+    import edgeguard
+    import edgeguard.engines.gen
 
     t_import = time.perf_counter() - t_start
     with Timer() as t_load:
@@ -55,8 +66,12 @@ def phases(args: dict) -> dict:
     with Timer() as t_check:
         v = guard.check(args["text"])
     guard.close()
-    return {"import_s": t_import, "load_s": t_load.s, "first_check_s": t_check.s,
-            "first_check_timings_ms": dict(v.timings)}
+    return {
+        "import_s": t_import,
+        "load_s": t_load.s,
+        "first_check_s": t_check.s,
+        "first_check_timings_ms": dict(v.timings),
+    }
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ def stats_ms(seconds: list[float]) -> dict:
         return {"n": 0}
     ms = sorted(s * 1e3 for s in seconds)
     p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    return {"n": len(ms), "median_ms": statistics.median(ms), "p90_ms": p90, "min_ms": ms[0],
-            "mean_ms": statistics.fmean(ms)}
+    return {
+        "n": len(ms),
+        "median_ms": statistics.median(ms),
+        "p90_ms": p90,
+        "min_ms": ms[0],
+        "mean_ms": statistics.fmean(ms),
+    }
 
 
 def ratio(a, b):
@@ -58,14 +63,111 @@ def rss_mb() -> float:
 
 
 # -- inputs ----------------------------------------------------------------------------------
-_WORDS = ("the a my our how what when where why can could would should please tell me about "
-          "explain write story recipe garden weather travel train station market bread water "
-          "friend family school teacher doctor music guitar river mountain city village road "
-          "computer phone message letter history science number price money bank shop coffee "
-          "morning evening night summer winter holiday book chapter movie game team player "
-          "question answer help idea plan project report meeting email address building kitchen "
-          "quickly slowly carefully today tomorrow yesterday always never often sometimes really "
-          "make build find keep learn teach open close start finish cook clean read send buy").split()
+_WORDS = [
+    "the",
+    "a",
+    "my",
+    "our",
+    "how",
+    "what",
+    "when",
+    "where",
+    "why",
+    "can",
+    "could",
+    "would",
+    "should",
+    "please",
+    "tell",
+    "me",
+    "about",
+    "explain",
+    "write",
+    "story",
+    "recipe",
+    "garden",
+    "weather",
+    "travel",
+    "train",
+    "station",
+    "market",
+    "bread",
+    "water",
+    "friend",
+    "family",
+    "school",
+    "teacher",
+    "doctor",
+    "music",
+    "guitar",
+    "river",
+    "mountain",
+    "city",
+    "village",
+    "road",
+    "computer",
+    "phone",
+    "message",
+    "letter",
+    "history",
+    "science",
+    "number",
+    "price",
+    "money",
+    "bank",
+    "shop",
+    "coffee",
+    "morning",
+    "evening",
+    "night",
+    "summer",
+    "winter",
+    "holiday",
+    "book",
+    "chapter",
+    "movie",
+    "game",
+    "team",
+    "player",
+    "question",
+    "answer",
+    "help",
+    "idea",
+    "plan",
+    "project",
+    "report",
+    "meeting",
+    "email",
+    "address",
+    "building",
+    "kitchen",
+    "quickly",
+    "slowly",
+    "carefully",
+    "today",
+    "tomorrow",
+    "yesterday",
+    "always",
+    "never",
+    "often",
+    "sometimes",
+    "really",
+    "make",
+    "build",
+    "find",
+    "keep",
+    "learn",
+    "teach",
+    "open",
+    "close",
+    "start",
+    "finish",
+    "cook",
+    "clean",
+    "read",
+    "send",
+    "buy",
+]
 
 
 def words(n: int, seed: int) -> str:
@@ -86,15 +188,19 @@ def words(n: int, seed: int) -> str:
 
 def gen_inputs(quick: bool) -> list[dict]:
     """Gen check inputs: short (~10 words), medium (~60), long (~250) prompts; responses."""
-    plan = ([("short", 10, 2), ("medium", 60, 1), ("long", 250, 1), ("response", 40, 1)] if quick else
-            [("short", 10, 5), ("medium", 60, 4), ("long", 250, 3), ("response", 40, 3)])
+    plan = (
+        [("short", 10, 2), ("medium", 60, 1), ("long", 250, 1), ("response", 40, 1)]
+        if quick
+        else [("short", 10, 5), ("medium", 60, 4), ("long", 250, 3), ("response", 40, 3)]
+    )
     items = []
     for kind, n, count in plan:
         for i in range(count):
             seed = (len(items) + 1) * 7919
             if kind == "response":
-                items.append({"id": f"{kind}{i}", "kind": kind, "prompt": words(12, seed),
-                              "response": words(n, seed + 1)})
+                items.append(
+                    {"id": f"{kind}{i}", "kind": kind, "prompt": words(12, seed), "response": words(n, seed + 1)}
+                )
             else:
                 items.append({"id": f"{kind}{i}", "kind": kind, "prompt": words(n, seed), "response": None})
     return items
@@ -114,9 +220,14 @@ def machine_info() -> dict:
     except OSError:
         pass
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    info = {"cpu": cpu, "simd": simd, "cores_online": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(), "platform": platform.platform()}
+    info = {
+        "cpu": cpu,
+        "simd": simd,
+        "cores_online": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     try:
         info["loadavg_start"] = list(os.getloadavg())
         mem = {l.split(":")[0]: l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()}
@@ -136,8 +247,9 @@ def machine_info() -> dict:
 # -- worker subprocesses ---------------------------------------------------------------------
 
 
-def run_worker(module: str, task: str, args: dict, *, env: dict | None = None, timeout: float = 900,
-               log_dir: Path | None = None) -> dict:
+def run_worker(
+    module: str, task: str, args: dict, *, env: dict | None = None, timeout: float = 900, log_dir: Path | None = None
+) -> dict:
     """Run ``python -m bench.<module> <task> ARGS.json OUT.json`` in a fresh process.
 
     Returns the worker's JSON result, or {"error": ...} on failure/timeout (the suite goes on).
@@ -154,8 +266,7 @@ def run_worker(module: str, task: str, args: dict, *, env: dict | None = None, t
         t0 = time.perf_counter()
         try:
             with open(log or os.devnull, "w") as err:
-                p = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=err, stderr=subprocess.STDOUT,
-                                   timeout=timeout)
+                p = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=err, stderr=subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
         wall = time.perf_counter() - t0

@@ -48,7 +48,7 @@ def main() -> int:
     only = set(a.only.split(","))
 
     from bench import models
-    from edgeguard.llama_model import load_model
+    from edgeguard.runtime.llama_model import load_model
 
     folder = (models.stream_model if a.model == "stream" else models.plain_model)(only=("q4_k_m",))
     path = models.gguf_path(folder, "q4_k_m")
@@ -58,8 +58,15 @@ def main() -> int:
     batch = L.llama_batch_init(512, 0, 1)
     rng = np.random.default_rng(0)
 
-    def context(n_seq: int, n_ctx: int, *, unified: bool = True, flash: bool = False, keys=L.GGML_TYPE_F16,
-                values=L.GGML_TYPE_F16):
+    def context(
+        n_seq: int,
+        n_ctx: int,
+        *,
+        unified: bool = True,
+        flash: bool = False,
+        keys=L.GGML_TYPE_F16,
+        values=L.GGML_TYPE_F16,
+    ):
         cp = L.llama_context_default_params()
         cp.type_k, cp.type_v = keys, values
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, 512, 512, n_seq
@@ -127,8 +134,10 @@ def main() -> int:
     L.llama_free(ctx)
 
     if "keys" in only:
-        print("one sequence, plain attention, single-token step at N cached tokens, ms (median of 9, "
-              "the two contexts in turns): f16 keys / q8_0 keys")
+        print(
+            "one sequence, plain attention, single-token step at N cached tokens, ms (median of 9, "
+            "the two contexts in turns): f16 keys / q8_0 keys"
+        )
         kinds = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
         ctxs = {k: context(1, 7424, keys=t) for k, t in kinds.items()}
         filled, stream = 0, tokens(7100)
@@ -158,12 +167,16 @@ def main() -> int:
             for s in range(8):
                 decode(ctx, [(s, p, t) for p, t in enumerate(tokens(512))])
             one, all8 = crowd_steps(ctx)
-            print(f"  {'unified' if unified else 'per-sequence streams'}, flash attention "
-                  f"{'on' if flash else 'off'}: {one:.1f} / {all8:.1f}")
+            print(
+                f"  {'unified' if unified else 'per-sequence streams'}, flash attention "
+                f"{'on' if flash else 'off'}: {one:.1f} / {all8:.1f}"
+            )
             L.llama_free(ctx)
     if "crowdkv" in only:
-        print("8 sequences of 512 tokens, unified cache, flash attention; K/V types: fill ms per token / "
-              "one sequence's step among them / one step of all 8 (ms) / state MiB")
+        print(
+            "8 sequences of 512 tokens, unified cache, flash attention; K/V types: fill ms per token / "
+            "one sequence's step among them / one step of all 8 (ms) / state MiB"
+        )
         f16, q8 = L.GGML_TYPE_F16, L.GGML_TYPE_Q8_0
         for name, k, v in (("f16/f16", f16, f16), ("q8_0/f16", q8, f16), ("q8_0/q8_0", q8, q8)):
             ctx = context(8, 8 * 576, flash=True, keys=k, values=v)

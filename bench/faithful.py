@@ -46,8 +46,10 @@ def _trained(kind: str, allow_train: bool) -> Path | None:
     return getattr(trained, f"trained_{kind}_checkpoint")()
 
 
-_SKIP = ("skipped: the trained {} fixture is not built for the current tests/fixtures/trained.py "
-         "(run pytest tests/test_trained.py first, or pass --train-fixtures)")
+_SKIP = (
+    "skipped: the trained {} fixture is not built for the current tests/fixtures/trained.py "
+    "(run pytest tests/test_trained.py first, or pass --train-fixtures)"
+)
 
 
 def _drift(ref: list[dict], other: list[dict]) -> tuple[float, float]:
@@ -67,9 +69,12 @@ def gen(args: dict) -> dict:
     for q in GEN_QUANTS:
         with edgeguard.load(folder, q, prefix_cache=None) as guard:
             vs = [guard.check(msgs) for msgs, *_ in trained.GEN_EXAMPLES]
-        res[q] = {"labels": [v.label for v in vs], "scores": [dict(v.scores) for v in vs],
-                  "categories": [v.categories[0] if v.categories else "None" for v in vs],
-                  "refusal": [v.refusal for v in vs]}
+        res[q] = {
+            "labels": [v.label for v in vs],
+            "scores": [dict(v.scores) for v in vs],
+            "categories": [v.categories[0] if v.categories else "None" for v in vs],
+            "refusal": [v.refusal for v in vs],
+        }
     expected = [(lab, cat, ref) for _, lab, cat, ref in trained.GEN_EXAMPLES]
     ref = res["f16"]
     out = {"n_examples": len(expected), "quants": {}}
@@ -80,7 +85,8 @@ def gen(args: dict) -> dict:
             "label_agreement_vs_f16": sum(a == b for a, b in zip(ref["labels"], r["labels"])) / n,
             "category_agreement_vs_f16": sum(a == b for a, b in zip(ref["categories"], r["categories"])) / n,
             "label_accuracy_vs_expected": sum(a == e[0] for a, e in zip(r["labels"], expected)) / n,
-            "max_score_drift": mx, "mean_score_drift": mean,
+            "max_score_drift": mx,
+            "mean_score_drift": mean,
         }
     return out
 
@@ -116,8 +122,10 @@ def stream(args: dict) -> dict:
             "prompt_label_agreement_vs_f16": sum(a == b for a, b in zip(ref[0], pl)) / len(pl),
             "token_label_agreement_vs_f16": sum(a == b for a, b in zip(flat_ref, flat)) / max(1, len(flat)),
             "n_tokens": len(flat),
-            "prompt_max_score_drift": mx_p, "prompt_mean_score_drift": mean_p,
-            "token_max_score_drift": mx_t, "token_mean_score_drift": mean_t,
+            "prompt_max_score_drift": mx_p,
+            "prompt_mean_score_drift": mean_p,
+            "token_max_score_drift": mx_t,
+            "token_mean_score_drift": mean_t,
         }
     return out
 

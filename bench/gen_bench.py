@@ -9,9 +9,7 @@ transformers runs in its own process (its OpenMP pool would otherwise spin again
 
 from __future__ import annotations
 
-import os
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import Timer, stats_ms, worker_main
@@ -38,8 +36,9 @@ def edgeguard_vs_llama(args: dict) -> dict:
     with tempfile.TemporaryDirectory() as prefix_dir:
         t = Timer()
         with t:
-            guard = edgeguard.load(folder, quant, n_threads=threads, prefix_cache=Path(prefix_dir),
-                                   device=args.get("device", "cpu"))
+            guard = edgeguard.load(
+                folder, quant, n_threads=threads, prefix_cache=Path(prefix_dir), device=args.get("device", "cpu")
+            )
         load_s = t.s
         llm = None
         if baseline:
@@ -90,15 +89,25 @@ def edgeguard_vs_llama(args: dict) -> dict:
     short = [i for i, it in enumerate(all_items) if it["kind"] == "short"]
     short_bd = {k: sorted(breakdown[i][k] for i in short)[len(short) // 2] for k in breakdown[0]} if short else {}
     return {
-        "quant": quant, "threads": threads, "load_s": load_s,
+        "quant": quant,
+        "threads": threads,
+        "load_s": load_s,
         "llama_load_s": llm_load_s if baseline else None,
-        "ours": stats_ms(ours_t), "ours_by_kind": _by_kind(all_items, ours_t),
-        "plain": stats_ms(plain_t), "plain_by_kind": _by_kind(all_items, plain_t) if plain_t else {},
+        "ours": stats_ms(ours_t),
+        "ours_by_kind": _by_kind(all_items, ours_t),
+        "plain": stats_ms(plain_t),
+        "plain_by_kind": _by_kind(all_items, plain_t) if plain_t else {},
         "n_tokens": n_tokens,
-        "per_input_median_ms": {k: {"kind": d["kind"],
-                                    "ours": stats_ms(d["ours"]).get("median_ms"),
-                                    "plain": stats_ms(d["plain"]).get("median_ms")} for k, d in per_input.items()},
-        "breakdown_mean_ms": mean_breakdown, "breakdown_short_median_ms": short_bd,
+        "per_input_median_ms": {
+            k: {
+                "kind": d["kind"],
+                "ours": stats_ms(d["ours"]).get("median_ms"),
+                "plain": stats_ms(d["plain"]).get("median_ms"),
+            }
+            for k, d in per_input.items()
+        },
+        "breakdown_mean_ms": mean_breakdown,
+        "breakdown_short_median_ms": short_bd,
         "tokenize_ms": stats_ms(tok_t),
     }
 
@@ -120,8 +129,14 @@ def transformers_generate(args: dict) -> dict:
     def gen(ids):
         x = torch.tensor([ids])
         with torch.inference_mode(), Timer() as tm:
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW,
-                                 min_new_tokens=N_NEW, do_sample=False, pad_token_id=151643)
+            out = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=N_NEW,
+                min_new_tokens=N_NEW,
+                do_sample=False,
+                pad_token_id=151643,
+            )
         assert out.shape[1] == len(ids) + N_NEW
         return tm.s
 
@@ -131,9 +146,14 @@ def transformers_generate(args: dict) -> dict:
             s = gen(ids)
             times.append(s)
             per_input.setdefault(it["id"], []).append(s)
-    return {"dtype": args["dtype"], "threads": threads, "load_s": load_s, "generate": stats_ms(times),
-            "by_kind": _by_kind(items * int(args.get("reps", 1)), times),
-            "per_input_median_ms": {k: stats_ms(v)["median_ms"] for k, v in per_input.items()}}
+    return {
+        "dtype": args["dtype"],
+        "threads": threads,
+        "load_s": load_s,
+        "generate": stats_ms(times),
+        "by_kind": _by_kind(items * int(args.get("reps", 1)), times),
+        "per_input_median_ms": {k: stats_ms(v)["median_ms"] for k, v in per_input.items()},
+    }
 
 
 def tokens_for(args: dict) -> dict:
@@ -145,5 +165,4 @@ def tokens_for(args: dict) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({"edgeguard_vs_llama": edgeguard_vs_llama, "transformers": transformers_generate,
-                 "tokens": tokens_for})
+    worker_main({"edgeguard_vs_llama": edgeguard_vs_llama, "transformers": transformers_generate, "tokens": tokens_for})

@@ -48,50 +48,88 @@ LIBS = textwrap.dedent("""
 
 RAW = {
     # name: (script body, env changes); {gguf} and {onnx} are filled in.
-    "llama_import_then_onnxruntime": ("import llama_cpp\nlibs('before')\nimport onnxruntime\n"
-                                      "onnxruntime.InferenceSession({onnx!r})\nlibs('after')", {}),
-    "llama_gpu_load_then_onnxruntime": ("import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
-                                        "verbose=False)\nlibs('before')\nimport onnxruntime\n"
-                                        "onnxruntime.InferenceSession({onnx!r})\nlibs('after')", {}),
-    "llama_gpu_load_then_onnxruntime_no_ld_path": ("import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
-                                                   "verbose=False)\nlibs('before')\nimport onnxruntime\n"
-                                                   "onnxruntime.InferenceSession({onnx!r})\nlibs('after')",
-                                                   {"LD_LIBRARY_PATH": None}),
-    "llama_gpu_load_then_torch": ("import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, verbose=False)\n"
-                                  "libs('before')\nimport torch\ntorch.zeros(2).sum()\nlibs('after')", {}),
-    "llama_gpu_load_then_torch_cuda": ("import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
-                                       "verbose=False)\nlibs('before')\nimport torch\n"
-                                       "print('torch cuda', torch.cuda.is_available(), flush=True)\n"
-                                       "torch.zeros(2, device='cuda').sum().item() if torch.cuda.is_available() "
-                                       "else None\nlibs('after')", {}),
-    "onnxruntime_then_llama_gpu_load": ("import onnxruntime\nonnxruntime.InferenceSession({onnx!r})\nlibs('before')\n"
-                                        "import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
-                                        "verbose=False)\nlibs('after')", {}),
-    "torch_then_llama_gpu_load": ("import torch\nlibs('before')\nimport llama_cpp\n"
-                                  "m = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, verbose=False)\nlibs('after')", {}),
-    "torch_cuda_then_llama_gpu_load": ("import torch\nprint('torch cuda', torch.cuda.is_available(), flush=True)\n"
-                                       "torch.zeros(2, device='cuda').sum().item() if torch.cuda.is_available() "
-                                       "else None\nlibs('before')\nimport llama_cpp\n"
-                                       "m = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, verbose=False)\nlibs('after')",
-                                       {}),
-    "edgeguard_gen_import_then_gpu_load": ("import edgeguard.gen, edgeguard\nlibs('before')\n"
-                                           "g = edgeguard.load({gen!r}, 'q4_k_m', device='gpu')\n"
-                                           "print(g.check({prompt!r}).label, flush=True)\nlibs('after')", {}),
+    "llama_import_then_onnxruntime": (
+        "import llama_cpp\nlibs('before')\nimport onnxruntime\nonnxruntime.InferenceSession({onnx!r})\nlibs('after')",
+        {},
+    ),
+    "llama_gpu_load_then_onnxruntime": (
+        "import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
+        "verbose=False)\nlibs('before')\nimport onnxruntime\n"
+        "onnxruntime.InferenceSession({onnx!r})\nlibs('after')",
+        {},
+    ),
+    "llama_gpu_load_then_onnxruntime_no_ld_path": (
+        "import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
+        "verbose=False)\nlibs('before')\nimport onnxruntime\n"
+        "onnxruntime.InferenceSession({onnx!r})\nlibs('after')",
+        {"LD_LIBRARY_PATH": None},
+    ),
+    "llama_gpu_load_then_torch": (
+        "import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, verbose=False)\n"
+        "libs('before')\nimport torch\ntorch.zeros(2).sum()\nlibs('after')",
+        {},
+    ),
+    "llama_gpu_load_then_torch_cuda": (
+        "import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
+        "verbose=False)\nlibs('before')\nimport torch\n"
+        "print('torch cuda', torch.cuda.is_available(), flush=True)\n"
+        "torch.zeros(2, device='cuda').sum().item() if torch.cuda.is_available() "
+        "else None\nlibs('after')",
+        {},
+    ),
+    "onnxruntime_then_llama_gpu_load": (
+        "import onnxruntime\nonnxruntime.InferenceSession({onnx!r})\nlibs('before')\n"
+        "import llama_cpp\nm = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, "
+        "verbose=False)\nlibs('after')",
+        {},
+    ),
+    "torch_then_llama_gpu_load": (
+        "import torch\nlibs('before')\nimport llama_cpp\n"
+        "m = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, verbose=False)\nlibs('after')",
+        {},
+    ),
+    "torch_cuda_then_llama_gpu_load": (
+        "import torch\nprint('torch cuda', torch.cuda.is_available(), flush=True)\n"
+        "torch.zeros(2, device='cuda').sum().item() if torch.cuda.is_available() "
+        "else None\nlibs('before')\nimport llama_cpp\n"
+        "m = llama_cpp.Llama({gguf!r}, n_gpu_layers=99, verbose=False)\nlibs('after')",
+        {},
+    ),
+    "edgeguard_gen_import_then_gpu_load": (
+        "import edgeguard.engines.gen, edgeguard\nlibs('before')\n"
+        "g = edgeguard.load({gen!r}, 'q4_k_m', device='gpu')\n"
+        "print(g.check({prompt!r}).label, flush=True)\nlibs('after')",
+        {},
+    ),
 }
 # One library at a time, loaded before onnxruntime or torch: which one makes the later import crash.
-_LIB_FIRST = {"libgomp": "'libgomp.so.1'", "libcuda": "'libcuda.so.1'", "libcudart": "'libcudart.so.13'",
-              "libcublas": "'libcublas.so.13'", "libggml-base": "LIB + '/libggml-base.so'",
-              "libggml-cpu": "LIB + '/libggml-cpu.so'", "libggml-cuda": "LIB + '/libggml-cuda.so'"}
+_LIB_FIRST = {
+    "libgomp": "'libgomp.so.1'",
+    "libcuda": "'libcuda.so.1'",
+    "libcudart": "'libcudart.so.13'",
+    "libcublas": "'libcublas.so.13'",
+    "libggml-base": "LIB + '/libggml-base.so'",
+    "libggml-cpu": "LIB + '/libggml-cpu.so'",
+    "libggml-cuda": "LIB + '/libggml-cuda.so'",
+}
 for _lib, _path in _LIB_FIRST.items():
-    for _then, _code in (("onnxruntime", "import onnxruntime\nonnxruntime.InferenceSession({onnx!r})"),
-                         ("torch", "import torch\ntorch.zeros(2).sum()")):
+    for _then, _code in (
+        ("onnxruntime", "import onnxruntime\nonnxruntime.InferenceSession({onnx!r})"),
+        ("torch", "import torch\ntorch.zeros(2).sum()"),
+    ):
         RAW[f"{_lib}_then_{_then}"] = (
             "import ctypes, os, importlib.util\n"
             "LIB = os.path.join(os.path.dirname(importlib.util.find_spec('llama_cpp').origin), 'lib')\n"
-            f"ctypes.CDLL({_path})\nlibs('before')\n{_code}\nlibs('after')", {})
+            f"ctypes.CDLL({_path})\nlibs('before')\n{_code}\nlibs('after')",
+            {},
+        )
 
-IMPORTS = {"edgeguard": "import edgeguard", "onnxruntime": "import onnxruntime",
-           "torch": "import torch", "llama_cpp": "import llama_cpp"}
+IMPORTS = {
+    "edgeguard": "import edgeguard",
+    "onnxruntime": "import onnxruntime",
+    "torch": "import torch",
+    "llama_cpp": "import llama_cpp",
+}
 
 
 def run_child(script: str, env_changes: dict, timeout: int = 240) -> dict:
@@ -104,13 +142,18 @@ def run_child(script: str, env_changes: dict, timeout: int = 240) -> dict:
             env[k] = v
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
-                           cwd=REPO, env=env)
+        p = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"rc": "timeout", "s": round(time.perf_counter() - t0, 1)}
     rc = p.returncode
-    out = {"rc": rc, "signal": signal.Signals(-rc).name if rc < 0 else None, "s": round(time.perf_counter() - t0, 1),
-           "stdout": p.stdout[-3000:]}
+    out = {
+        "rc": rc,
+        "signal": signal.Signals(-rc).name if rc < 0 else None,
+        "s": round(time.perf_counter() - t0, 1),
+        "stdout": p.stdout[-3000:],
+    }
     if rc != 0:
         out["stderr"] = p.stderr[-3000:]
     return out
@@ -134,7 +177,9 @@ def main() -> int:
     gguf = str(gguf_path(Path(gen), "q4_k_m"))
     onnx = str(next(Path(stream).glob("*.onnx")))
     res: dict = {"env": {k: os.environ.get(k) for k in ("LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES")}}
-    info = run_child(LIBS + textwrap.dedent("""
+    info = run_child(
+        LIBS
+        + textwrap.dedent("""
         import json, onnxruntime, llama_cpp
         out = {"llama_cpp": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
                "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers()}
@@ -144,22 +189,29 @@ def main() -> int:
         except Exception as e:
             out["torch"] = repr(e)
         print("INFO " + json.dumps(out), flush=True)
-    """), {})
+    """),
+        {},
+    )
     res["info"] = info
     print(info.get("stdout", ""), info.get("stderr", ""), flush=True)
 
-    jobs = {name: (LIBS + body.format(gguf=gguf, onnx=onnx, gen=gen, prompt=PROMPT), env)
-            for name, (body, env) in RAW.items()}
+    jobs = {
+        name: (LIBS + body.format(gguf=gguf, onnx=onnx, gen=gen, prompt=PROMPT), env)
+        for name, (body, env) in RAW.items()
+    }
 
     # reference scores on the CPU, then every import order with both engines on the GPU
-    ref = run_child(textwrap.dedent(f"""
+    ref = run_child(
+        textwrap.dedent(f"""
         import json, edgeguard
         out = {{}}
         for model in ({gen!r}, {stream!r}):
             with edgeguard.load(model, "q4_k_m", device="cpu") as g:
                 out[g.engine] = dict(g.check({PROMPT!r}).scores)
         print("SCORES " + json.dumps(out))
-    """), {})
+    """),
+        {},
+    )
     res["cpu_reference"] = ref
     for i, order in enumerate(itertools.permutations(IMPORTS)):
         engines = (gen, stream) if i % 2 else (stream, gen)
@@ -201,8 +253,11 @@ def main() -> int:
     res["raw_crashed"] = sorted(n for n, r in results.items() if not n.startswith("order:") and r["rc"] != 0)
     res["max_abs_diff_gpu_vs_cpu"] = worst
     a.out.write_text(json.dumps(res, indent=1))
-    print(f"orders crashed: {len(res['orders_crashed'])}/24; raw experiments crashed: {res['raw_crashed']}; "
-          f"max |GPU - CPU| score {worst:.4f}", flush=True)
+    print(
+        f"orders crashed: {len(res['orders_crashed'])}/24; raw experiments crashed: {res['raw_crashed']}; "
+        f"max |GPU - CPU| score {worst:.4f}",
+        flush=True,
+    )
     return 0
 
 

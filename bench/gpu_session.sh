@@ -6,7 +6,7 @@
 #   logs and results go to $OUT (default /tmp/gpu-out; 8 files). The benchmark checkpoints may be written
 #   beforehand (numpy only, e.g. while llama.cpp builds): `python -m bench.models --checkpoints
 #   > /tmp/gpu-checkpoints.log`, then touch $EDGEGUARD_BENCH_CACHE/.checkpoints-done; when that log
-#   exists this script waits for the file. The whole call used on an H200: bench/results/gpu-h200.md.
+#   exists this script waits for the file. The whole call used on an H200: bench/results/2026-11-28-nvidia-h200-gpu.md.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"

@@ -34,8 +34,12 @@ from bench.common import Timer, machine_info, peak_rss_mb, run_worker, stats_ms,
 
 POSITIONS = (100, 1000, 2000, 4000, 7000)
 LENGTHS = (100, 1000, 2000, 4000, 6000)
-BARE = {"bare-fa-on-f16": (True, "f16"), "bare-fa-off-f16": (False, "f16"), "bare-fa-on-q8_0": (True, "q8_0"),
-        "bare-fa-off-q8_0-keys": (False, "q8_0-keys")}
+BARE = {
+    "bare-fa-on-f16": (True, "f16"),
+    "bare-fa-off-f16": (False, "f16"),
+    "bare-fa-on-q8_0": (True, "q8_0"),
+    "bare-fa-off-q8_0-keys": (False, "q8_0-keys"),
+}
 N_NEW = 9  # the verdict's tokens, as in gen_bench
 
 
@@ -55,7 +59,7 @@ def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
         try:
             while at < pos:
                 n = min(256, pos - at)
-                feed_chunk(ids[at:at + n])
+                feed_chunk(ids[at : at + n])
                 at += n
         except InputTooLong as e:  # a memory budget's clear refusal: the curve stops there
             out[str(pos)] = {"error": f"{type(e).__name__} at {at} tokens", "peak_rss_mb": peak_rss_mb()}
@@ -63,7 +67,7 @@ def _walk(positions, probe: int, feed_chunk, feed_one) -> dict:
         times = []
         for _ in range(probe):
             with Timer() as t:
-                feed_one(ids[at:at + 1])
+                feed_one(ids[at : at + 1])
             times.append(t.s)
             at += 1
         out[str(pos)] = {"ms": stats_ms(times[1:])["median_ms"], "peak_rss_mb": peak_rss_mb()}
@@ -75,12 +79,19 @@ def stream_edgeguard(args: dict) -> dict:
 
     options = {k: args[k] for k in ("max_memory_mb", "kv_type") if args.get(k)}
     t0 = time.perf_counter()
-    with edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", **options) as guard, \
-            guard.session(words(30, 7)) as s:
+    with (
+        edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", **options) as guard,
+        guard.session(words(30, 7)) as s,
+    ):
         curve = _walk(args["positions"], args["probe"], s.feed, s.feed)
-        return {"curve": curve, "kv_type": guard.kv_type, "flash_attn": guard.flash_attn,
-                "context_size": guard.context_size, "context_growths": guard.timings.context_growths,
-                "wall_s": time.perf_counter() - t0}
+        return {
+            "curve": curve,
+            "kv_type": guard.kv_type,
+            "flash_attn": guard.flash_attn,
+            "context_size": guard.context_size,
+            "context_growths": guard.timings.context_growths,
+            "wall_s": time.perf_counter() - t0,
+        }
 
 
 def stream_bare(args: dict) -> dict:
@@ -106,13 +117,19 @@ def gen_edgeguard(args: dict) -> dict:
 
     prompt = _prompt(args["length"])
     options = {k: args[k] for k in ("max_memory_mb", "kv_type") if args.get(k)}
-    with edgeguard.load(args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", prefix_cache=None,
-                        **options) as guard:
+    with edgeguard.load(
+        args["folder"], "q4_k_m", n_threads=args["threads"], device="cpu", prefix_cache=None, **options
+    ) as guard:
         n = len(guard.tokens(prompt))
         with Timer() as t:
             guard.check(prompt)
-        return {"tokens": n, "ms": t.s * 1e3, "peak_rss_mb": peak_rss_mb(), "kv_type": guard.kv_type,
-                "context_size": guard.context_size}
+        return {
+            "tokens": n,
+            "ms": t.s * 1e3,
+            "peak_rss_mb": peak_rss_mb(),
+            "kv_type": guard.kv_type,
+            "context_size": guard.context_size,
+        }
 
 
 def gen_bare(args: dict) -> dict:
@@ -122,8 +139,12 @@ def gen_bare(args: dict) -> dict:
 
     with edgeguard.load(args["folder"], "q4_k_m", n_threads=1, device="cpu", prefix_cache=None) as guard:
         tokens = guard.tokens(_prompt(args["length"]))
-    llm = BareLlama(gguf_path(Path(args["folder"]), "q4_k_m"), args["threads"], n_ctx=len(tokens) + 32,
-                    flash_attn=args.get("flash_attn"))
+    llm = BareLlama(
+        gguf_path(Path(args["folder"]), "q4_k_m"),
+        args["threads"],
+        n_ctx=len(tokens) + 32,
+        flash_attn=args.get("flash_attn"),
+    )
     try:
         with Timer() as t:
             llm.generate(tokens, N_NEW)
@@ -153,47 +174,70 @@ def _plot(res: dict, out: Path) -> list[str]:
         return name
 
     files = []
-    stream = {run: [(int(p), c["ms"], c["peak_rss_mb"]) for p, c in r["curve"].items() if "ms" in c]
-              for run, r in res.get("stream", {}).items() if "curve" in r}
+    stream = {
+        run: [(int(p), c["ms"], c["peak_rss_mb"]) for p, c in r["curve"].items() if "ms" in c]
+        for run, r in res.get("stream", {}).items()
+        if "curve" in r
+    }
     if stream:
-        files.append(pair("long-stream.png", stream, "response position (tokens)", "ms per token",
-                          "Stream, one token"))
-    gen = {run: [(r["tokens"], r["ms"], r["peak_rss_mb"]) for r in rows if "ms" in r]
-           for run, rows in res.get("gen", {}).items()}
+        files.append(pair("long-stream.png", stream, "response position (tokens)", "ms per token", "Stream, one token"))
+    gen = {
+        run: [(r["tokens"], r["ms"], r["peak_rss_mb"]) for r in rows if "ms" in r]
+        for run, rows in res.get("gen", {}).items()
+    }
     if gen:
         files.append(pair("long-gen.png", gen, "input tokens", "ms", "Gen, one check (fresh)"))
     return files
 
 
 def _markdown(res: dict) -> str:
-    L = ["# Long responses and long inputs", "",
-         f"Command: `{res['command']}`  ", f"Machine: {res['machine']['cpu']}, {res['threads']} threads, "
-         f"load average at start {res['machine']['loadavg_start']}; Q4_K_M of random full-size 0.6B models.", ""]
+    L = [
+        "# Long responses and long inputs",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {res['machine']['cpu']}, {res['threads']} threads, "
+        f"load average at start {res['machine']['loadavg_start']}; Q4_K_M of random full-size 0.6B models.",
+        "",
+    ]
     s = res.get("stream", {})
     if s:
         positions = res["positions"]
-        L += ["## Stream: ms per token (peak RSS MB) at response position", "",
-              "| run | " + " | ".join(str(p) for p in positions) + " | notes |",
-              "|---|" + "---|" * (len(positions) + 1)]
+        L += [
+            "## Stream: ms per token (peak RSS MB) at response position",
+            "",
+            "| run | " + " | ".join(str(p) for p in positions) + " | notes |",
+            "|---|" + "---|" * (len(positions) + 1),
+        ]
         for name, r in s.items():
             if "curve" not in r:
                 L.append(f"| {name} | {r.get('error', '?')} |")
                 continue
             points = [r["curve"].get(str(p), {"error": "-", "peak_rss_mb": float("nan")}) for p in positions]
-            cells = [f"{c['ms']:.1f} ({c['peak_rss_mb']:.0f})" if "ms" in c else f"{c['error']} ({c['peak_rss_mb']:.0f})"
-                     for c in points]
-            note = (f"KV {r['kv_type']}, flash attention {'on' if r['flash_attn'] else 'off'}, context "
-                    f"{r['context_size']}, {r['context_growths']} growths" if "kv_type" in r else "n_ctx 8192 up front")
+            cells = [
+                f"{c['ms']:.1f} ({c['peak_rss_mb']:.0f})" if "ms" in c else f"{c['error']} ({c['peak_rss_mb']:.0f})"
+                for c in points
+            ]
+            note = (
+                f"KV {r['kv_type']}, flash attention {'on' if r['flash_attn'] else 'off'}, context "
+                f"{r['context_size']}, {r['context_growths']} growths"
+                if "kv_type" in r
+                else "n_ctx 8192 up front"
+            )
             L.append(f"| {name} | " + " | ".join(cells) + f" | {note} |")
         L.append("")
     g = res.get("gen", {})
     if g:
-        L += ["## Gen: one check, ms (peak RSS MB), against input length", "",
-              "| run | " + " | ".join(f"~{n}" for n in res["lengths"]) + " |",
-              "|---|" + "---|" * len(res["lengths"])]
+        L += [
+            "## Gen: one check, ms (peak RSS MB), against input length",
+            "",
+            "| run | " + " | ".join(f"~{n}" for n in res["lengths"]) + " |",
+            "|---|" + "---|" * len(res["lengths"]),
+        ]
         for name, rows in g.items():
-            cells = [f"{r['ms']:.0f} ({r['peak_rss_mb']:.0f}) [{r['tokens']} tok]" if "ms" in r else r.get("error", "?")
-                     for r in rows]
+            cells = [
+                f"{r['ms']:.0f} ({r['peak_rss_mb']:.0f}) [{r['tokens']} tok]" if "ms" in r else r.get("error", "?")
+                for r in rows
+            ]
             L.append(f"| {name} | " + " | ".join(cells) + " |")
         L.append("")
     return "\n".join(L) + "\n"
@@ -208,8 +252,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="stream,gen")
     ap.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
-    ap.add_argument("--positions", default=None, help="Stream: comma-separated response positions "
-                    f"(default: {','.join(map(str, POSITIONS))})")
+    ap.add_argument(
+        "--positions",
+        default=None,
+        help=f"Stream: comma-separated response positions (default: {','.join(map(str, POSITIONS))})",
+    )
     ap.add_argument("--probe", type=int, default=6, help="Stream: single-token feeds timed at each position")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per run (a budget's q8_0 cache is slow)")
     a = ap.parse_args()
@@ -219,11 +266,20 @@ def main() -> int:
     only = set(a.only.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     paths = models.all_models(log=print, only=("q4_k_m",))
-    res = {"command": "python bench/long_bench.py" + (" --quick" if a.quick else "") + f" --threads {a.threads}"
-           + (f" --only {a.only}" if a.only != "stream,gen" else "") + (f" --runs {a.runs}" if a.runs else "")
-           + (f" --positions {a.positions}" if a.positions else "") + (f" --probe {a.probe}" if a.probe != 6 else "")
-           + (f" --timeout {a.timeout:.0f}" if a.timeout != 1200 else ""),
-           "machine": machine_info(), "threads": a.threads, "positions": positions, "lengths": lengths}
+    res = {
+        "command": "python bench/long_bench.py"
+        + (" --quick" if a.quick else "")
+        + f" --threads {a.threads}"
+        + (f" --only {a.only}" if a.only != "stream,gen" else "")
+        + (f" --runs {a.runs}" if a.runs else "")
+        + (f" --positions {a.positions}" if a.positions else "")
+        + (f" --probe {a.probe}" if a.probe != 6 else "")
+        + (f" --timeout {a.timeout:.0f}" if a.timeout != 1200 else ""),
+        "machine": machine_info(),
+        "threads": a.threads,
+        "positions": positions,
+        "lengths": lengths,
+    }
     common = {"threads": a.threads, "positions": positions, "probe": a.probe}
 
     def log(msg):
@@ -231,9 +287,11 @@ def main() -> int:
 
     if "stream" in only:
         res["stream"] = {}
-        runs = {"edgeguard": ("stream_edgeguard", {"folder": paths["stream"]}),
-                "edgeguard-budget-1GB": ("stream_edgeguard", {"folder": paths["stream"], "max_memory_mb": 1000}),
-                "edgeguard-f16-keys": ("stream_edgeguard", {"folder": paths["stream"], "kv_type": "f16"})}
+        runs = {
+            "edgeguard": ("stream_edgeguard", {"folder": paths["stream"]}),
+            "edgeguard-budget-1GB": ("stream_edgeguard", {"folder": paths["stream"], "max_memory_mb": 1000}),
+            "edgeguard-f16-keys": ("stream_edgeguard", {"folder": paths["stream"], "kv_type": "f16"}),
+        }
         plain = str(models.gguf_path(Path(paths["plain"]), "q4_k_m"))
         for name, (fa, kv) in BARE.items():
             runs[name] = ("stream_bare", {"gguf": plain, "flash_attn": fa, "kv": kv})
@@ -241,21 +299,27 @@ def main() -> int:
             if a.runs and name not in a.runs.split(","):
                 continue
             log(f"stream {name}")
-            res["stream"][name] = run_worker("long_bench", task, {**common, **extra, "tag": name},
-                                             timeout=a.timeout)
+            res["stream"][name] = run_worker("long_bench", task, {**common, **extra, "tag": name}, timeout=a.timeout)
             (a.out / "long.json").write_text(json.dumps(res, indent=1))  # what is done survives a kill
     if "gen" in only:
         res["gen"] = {"edgeguard": [], "edgeguard-budget-1GB": [], "bare-generation": []}
         for n in lengths:
-            for name, task, extra in (("edgeguard", "gen_edgeguard", {}),
-                                      ("edgeguard-budget-1GB", "gen_edgeguard", {"max_memory_mb": 1000}),
-                                      ("bare-generation", "gen_bare", {})):
+            for name, task, extra in (
+                ("edgeguard", "gen_edgeguard", {}),
+                ("edgeguard-budget-1GB", "gen_edgeguard", {"max_memory_mb": 1000}),
+                ("bare-generation", "gen_bare", {}),
+            ):
                 if a.runs and name not in a.runs.split(","):
                     continue
                 log(f"gen {name} ~{n} tokens")
-                res["gen"][name].append(run_worker("long_bench", task, {"folder": paths["gen"], "threads": a.threads,
-                                                                         "length": n, "tag": f"{name}-{n}", **extra},
-                                                   timeout=a.timeout))
+                res["gen"][name].append(
+                    run_worker(
+                        "long_bench",
+                        task,
+                        {"folder": paths["gen"], "threads": a.threads, "length": n, "tag": f"{name}-{n}", **extra},
+                        timeout=a.timeout,
+                    )
+                )
                 (a.out / "long.json").write_text(json.dumps(res, indent=1))
     res["gen"] = {k: v for k, v in res.get("gen", {}).items() if v}
     res["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
@@ -269,7 +333,13 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("stream_edgeguard", "stream_bare", "gen_edgeguard", "gen_bare"):
-        worker_main({"stream_edgeguard": stream_edgeguard, "stream_bare": stream_bare,
-                     "gen_edgeguard": gen_edgeguard, "gen_bare": gen_bare})
+        worker_main(
+            {
+                "stream_edgeguard": stream_edgeguard,
+                "stream_bare": stream_bare,
+                "gen_edgeguard": gen_edgeguard,
+                "gen_bare": gen_bare,
+            }
+        )
     else:
         sys.exit(main())

@@ -10,8 +10,8 @@ from bench.common import peak_rss_mb, rss_mb, words, worker_main
 
 
 def _imports(args: dict) -> dict:
-    import edgeguard.gen  # noqa: F401  (edgeguard + llama_cpp + numpy)
-    import edgeguard.stream  # noqa: F401  (+ onnxruntime)
+    import edgeguard.engines.gen
+    import edgeguard.engines.stream  # noqa: F401  (+ onnxruntime)
 
     return {"what": "python + edgeguard imports only", "peak_rss_mb": peak_rss_mb()}
 
@@ -23,8 +23,12 @@ def _gen(args: dict) -> dict:
         guard = edgeguard.load(Path(args["folder"]), args["quant"], prefix_cache=Path(d))
         after_load = rss_mb()
         guard.check(words(60, 1))
-        return {"what": f"edgeguard Gen {args['quant']}: load + one check", "rss_after_load_mb": after_load,
-                "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+        return {
+            "what": f"edgeguard Gen {args['quant']}: load + one check",
+            "rss_after_load_mb": after_load,
+            "rss_mb": rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
 
 
 def _stream(args: dict) -> dict:
@@ -38,8 +42,12 @@ def _stream(args: dict) -> dict:
     with guard.session(words(40, 2)) as s:
         for tok in rng.integers(1000, 150000, size=int(args.get("n_tokens", 64))):
             s.feed([int(tok)])
-    return {"what": f"edgeguard Stream {args['quant']}: load + session of {args.get('n_tokens', 64)} tokens",
-            "rss_after_load_mb": after_load, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "what": f"edgeguard Stream {args['quant']}: load + session of {args.get('n_tokens', 64)} tokens",
+        "rss_after_load_mb": after_load,
+        "rss_mb": rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _llama_plain(args: dict) -> dict:
@@ -47,14 +55,21 @@ def _llama_plain(args: dict) -> dict:
 
     from bench.models import gguf_path
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path(Path(args["folder"]), args["quant"])), n_ctx=2048,
-                          n_batch=512, logits_all=False, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path(Path(args["folder"]), args["quant"])),
+        n_ctx=2048,
+        n_batch=512,
+        logits_all=False,
+        verbose=False,
+    )
     toks = llm.tokenize(words(60, 1).encode(), add_bos=False)
     for i, _ in enumerate(llm.generate(toks, temp=0.0)):
         if i == 8:
             break
-    return {"what": f"llama-cpp-python Llama {args['quant']} (n_ctx 2048, n_batch 512): 9-token generation",
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "what": f"llama-cpp-python Llama {args['quant']} (n_ctx 2048, n_batch 512): 9-token generation",
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _transformers(args: dict) -> dict:
@@ -65,10 +80,18 @@ def _transformers(args: dict) -> dict:
     model = Qwen3ForCausalLM.from_pretrained(args["ckpt"], dtype=torch.bfloat16).eval()
     x = torch.tensor([list(range(1000, 1300))])
     with torch.inference_mode():
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=9, min_new_tokens=9,
-                       do_sample=False, pad_token_id=151643)
-    return {"what": "transformers bf16 Qwen3ForCausalLM: load + generate 9 tokens (300-token prompt)",
-            "peak_rss_mb": peak_rss_mb()}
+        model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=9,
+            min_new_tokens=9,
+            do_sample=False,
+            pad_token_id=151643,
+        )
+    return {
+        "what": "transformers bf16 Qwen3ForCausalLM: load + generate 9 tokens (300-token prompt)",
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _breakdown(args: dict) -> dict:
@@ -110,5 +133,13 @@ def _breakdown(args: dict) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main({"imports": _imports, "gen": _gen, "stream": _stream, "llama_plain": _llama_plain,
-                 "transformers": _transformers, "breakdown": _breakdown})
+    worker_main(
+        {
+            "imports": _imports,
+            "gen": _gen,
+            "stream": _stream,
+            "llama_plain": _llama_plain,
+            "transformers": _transformers,
+            "breakdown": _breakdown,
+        }
+    )

@@ -28,8 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # The exact Qwen3Guard-0.6B shape (qwen3guard-facts.md).
-SHAPE = dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=3072, vocab=151936,
-             guard_inner=512)
+SHAPE = dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=3072, vocab=151936, guard_inner=512)
 VERSION = "1"  # bump when the builders' output changes
 GEN_QUANTS = ("q4_k_m", "q4_0", "q8_0", "bf16")
 STREAM_QUANTS = ("q4_k_m", "q8_0")
@@ -79,13 +78,15 @@ class _Random:
                 n = min(step, rows - s)
                 block = self.rng.standard_normal((n,) + tuple(shape[1:]), dtype=np.float32)
                 block *= STD
-                out[s:s + n] = _bf16_bits(block)
+                out[s : s + n] = _bf16_bits(block)
+
         return shape, gen
 
     @staticmethod
     def ones(shape):
         def gen(out: np.ndarray) -> None:
             out[...] = 0x3F80  # bf16 1.0
+
         return shape, gen
 
 
@@ -109,7 +110,7 @@ def write_safetensors(path: Path, tensors: dict) -> None:
     try:
         for name, t in tensors.items():
             begin, end = specs[name]["data_offsets"]
-            view = mm[base + begin: base + end].view(np.uint16)
+            view = mm[base + begin : base + end].view(np.uint16)
             if isinstance(t, np.ndarray):
                 view[:] = t.reshape(-1)
             else:
@@ -129,8 +130,7 @@ def read_safetensors_bf16(path: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, info in header.items():
         b, e = info["data_offsets"]
-        out[name] = np.memmap(path, dtype=np.uint16, mode="r", offset=8 + n + b,
-                              shape=tuple(info["shape"]))
+        out[name] = np.memmap(path, dtype=np.uint16, mode="r", offset=8 + n + b, shape=tuple(info["shape"]))
     return out
 
 
@@ -201,17 +201,19 @@ def _config(kind: str) -> dict:
         "vocab_size": SHAPE["vocab"],
     }
     if kind == "stream":
-        cfg.update({
-            "guard_inner_size": SHAPE["guard_inner"],
-            "num_risk_level": len(fx.RISK_LEVEL_MAP),
-            "num_category": len(fx.RESPONSE_CATEGORY_MAP),
-            "num_query_risk_level": len(fx.RISK_LEVEL_MAP),
-            "num_query_category": len(fx.QUERY_CATEGORY_MAP),
-            "response_risk_level_map": dict(fx.RISK_LEVEL_MAP),
-            "response_category_map": dict(fx.RESPONSE_CATEGORY_MAP),
-            "query_risk_level_map": dict(fx.RISK_LEVEL_MAP),
-            "query_category_map": dict(fx.QUERY_CATEGORY_MAP),
-        })
+        cfg.update(
+            {
+                "guard_inner_size": SHAPE["guard_inner"],
+                "num_risk_level": len(fx.RISK_LEVEL_MAP),
+                "num_category": len(fx.RESPONSE_CATEGORY_MAP),
+                "num_query_risk_level": len(fx.RISK_LEVEL_MAP),
+                "num_query_category": len(fx.QUERY_CATEGORY_MAP),
+                "response_risk_level_map": dict(fx.RISK_LEVEL_MAP),
+                "response_category_map": dict(fx.RESPONSE_CATEGORY_MAP),
+                "query_risk_level_map": dict(fx.RISK_LEVEL_MAP),
+                "query_category_map": dict(fx.QUERY_CATEGORY_MAP),
+            }
+        )
     return cfg
 
 
@@ -221,10 +223,15 @@ def _write_side_files(tmp: Path, kind: str) -> None:
     (tmp / "config.json").write_text(json.dumps(_config(kind), indent=2) + "\n")
     shutil.copyfile(fx.tokenizer_json_path(), tmp / "tokenizer.json")
     (tmp / "tokenizer_config.json").write_text(
-        json.dumps(fx.tokenizer_config(kind), indent=2, ensure_ascii=False) + "\n")
-    gen_cfg = {"bos_token_id": fx.ENDOFTEXT_ID, "do_sample": False,
-               "eos_token_id": [fx.IM_END_ID, fx.ENDOFTEXT_ID], "pad_token_id": fx.ENDOFTEXT_ID,
-               "transformers_version": "4.51.0"}
+        json.dumps(fx.tokenizer_config(kind), indent=2, ensure_ascii=False) + "\n"
+    )
+    gen_cfg = {
+        "bos_token_id": fx.ENDOFTEXT_ID,
+        "do_sample": False,
+        "eos_token_id": [fx.IM_END_ID, fx.ENDOFTEXT_ID],
+        "pad_token_id": fx.ENDOFTEXT_ID,
+        "transformers_version": "4.51.0",
+    }
     (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
 
 
@@ -234,6 +241,7 @@ def gen_checkpoint(log=print) -> Path:
         _write_side_files(tmp, "gen")
         write_safetensors(tmp / "model.safetensors", _backbone_tensors(_Random(1)))
         log(f"  wrote random Gen 0.6B checkpoint in {time.perf_counter() - t0:.1f} s")
+
     return _cached(cache_root() / f"ckpt-gen-0.6b-v{VERSION}", build)
 
 
@@ -248,6 +256,7 @@ def stream_checkpoint(log=print) -> Path:
         tensors.update(_head_tensors(r, len(fx.RESPONSE_CATEGORY_MAP), len(fx.QUERY_CATEGORY_MAP)))
         write_safetensors(tmp / "model.safetensors", tensors)
         log(f"  wrote random Stream 0.6B checkpoint in {time.perf_counter() - t0:.1f} s")
+
     return _cached(cache_root() / f"ckpt-stream-0.6b-v{VERSION}", build)
 
 
@@ -261,9 +270,9 @@ def plain_checkpoint(log=print) -> Path:
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["max_position_embeddings"] = 8192
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        tensors = {k: v for k, v in read_safetensors_bf16(src / "model.safetensors").items()
-                   if k.startswith("model.")}
+        tensors = {k: v for k, v in read_safetensors_bf16(src / "model.safetensors").items() if k.startswith("model.")}
         write_safetensors(tmp / "model.safetensors", tensors)
+
     return _cached(cache_root() / f"ckpt-plain-0.6b-v{VERSION}", build)
 
 
@@ -278,6 +287,7 @@ def _converted(ckpt: Path, name: str, quants: tuple[str, ...], log, default: tup
             os.rename(p, tmp / p.name)
         out.rmdir()
         log(f"  converted {name} to {', '.join(quants)} in {time.perf_counter() - t0:.1f} s")
+
     subset = "" if tuple(quants) == tuple(default) else "-" + "-".join(quants)
     return _cached(cache_root() / f"converted-{name}-v{VERSION}{subset}", build)
 
@@ -294,13 +304,13 @@ def gen_model(log=print, only: tuple[str, ...] | None = None) -> Path:
 
 
 def stream_model(log=print, only: tuple[str, ...] | None = None) -> Path:
-    return _converted(stream_checkpoint(log), "qwen3guard-stream-0.6b-random", _pick(STREAM_QUANTS, only), log,
-                      STREAM_QUANTS)
+    return _converted(
+        stream_checkpoint(log), "qwen3guard-stream-0.6b-random", _pick(STREAM_QUANTS, only), log, STREAM_QUANTS
+    )
 
 
 def plain_model(log=print, only: tuple[str, ...] | None = None) -> Path:
-    return _converted(plain_checkpoint(log), "qwen3-0.6b-plain-random", _pick(STREAM_QUANTS, only), log,
-                      STREAM_QUANTS)
+    return _converted(plain_checkpoint(log), "qwen3-0.6b-plain-random", _pick(STREAM_QUANTS, only), log, STREAM_QUANTS)
 
 
 def gguf_path(folder: Path, quant: str, role: str = "model") -> Path:
@@ -313,9 +323,13 @@ def gguf_path(folder: Path, quant: str, role: str = "model") -> Path:
 
 def all_models(log=print, only: tuple[str, ...] | None = None) -> dict[str, str]:
     """Every benchmark model; ``only`` limits the converted quants (a smaller, separate cache)."""
-    return {"gen": str(gen_model(log, only)), "stream": str(stream_model(log, only)),
-            "plain": str(plain_model(log, only)),
-            "gen_ckpt": str(gen_checkpoint(log)), "stream_ckpt": str(stream_checkpoint(log))}
+    return {
+        "gen": str(gen_model(log, only)),
+        "stream": str(stream_model(log, only)),
+        "plain": str(plain_model(log, only)),
+        "gen_ckpt": str(gen_checkpoint(log)),
+        "stream_ckpt": str(stream_checkpoint(log)),
+    }
 
 
 if __name__ == "__main__":
@@ -323,6 +337,9 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--checkpoints"]:  # numpy only: no llama.cpp needed (e.g. while it builds)
         print(json.dumps({"gen_ckpt": str(gen_checkpoint()), "plain_ckpt": str(plain_checkpoint())}, indent=2))
     else:
-        print(json.dumps(all_models(only=tuple(sys.argv[2].split(",")) if sys.argv[1:2] == ["--quants"] else None),
-                         indent=2))
+        print(
+            json.dumps(
+                all_models(only=tuple(sys.argv[2].split(",")) if sys.argv[1:2] == ["--quants"] else None), indent=2
+            )
+        )
     print(f"models ready in {time.perf_counter() - t0:.1f} s")

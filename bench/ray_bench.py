@@ -27,15 +27,14 @@ if str(REPO) not in sys.path:
 def write_rows(path: Path, n: int) -> Path:
     from bench.common import words
 
-    path.write_text("".join(json.dumps({"prompt": words(8 + i % 5, 1000 + i) + "?", "id": i}) + "\n"
-                            for i in range(n)))
+    path.write_text("".join(json.dumps({"prompt": words(8 + i % 5, 1000 + i) + "?", "id": i}) + "\n" for i in range(n)))
     return path
 
 
 def local_scan(model: str, quant: str, src: Path, threads: int) -> tuple[float, float]:
     """(load seconds, scan seconds) of an in-process scan, as `edgeguard scan` runs it."""
     import edgeguard
-    from edgeguard.scan import Output, run_scan
+    from edgeguard.scan.writer import Output, run_scan
 
     start = time.perf_counter()
     with edgeguard.load(model, quant, n_threads=threads, device="cpu") as guard:
@@ -45,11 +44,20 @@ def local_scan(model: str, quant: str, src: Path, threads: int) -> tuple[float, 
 
 
 def ray_scan(model: str, quant: str, src: Path, actors: int) -> float:
-    from edgeguard.ray import scan_records
+    from edgeguard.scan.ray import scan_records
 
     start = time.perf_counter()
-    for _ in scan_records(src, model=model, quant=quant, engine=None, policy="strict", device="cpu",
-                          offline=True, actors=actors, threads_per_actor=1):
+    for _ in scan_records(
+        src,
+        model=model,
+        quant=quant,
+        engine=None,
+        policy="strict",
+        device="cpu",
+        offline=True,
+        actors=actors,
+        threads_per_actor=1,
+    ):
         pass
     return time.perf_counter() - start
 
@@ -66,7 +74,7 @@ def main() -> None:
         args.model = str(gen_model())
     import ray
 
-    from edgeguard.ray import quiet_ray_logs
+    from edgeguard.scan.ray import quiet_ray_logs
 
     quiet_ray_logs()
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,15 +95,19 @@ def main() -> None:
                 # The 2-row run is noisy on a loaded machine: no steady rate when it took as long as all rows.
                 steady = f"{args.rows / (total - fixed):.2f}" if total > 1.2 * fixed else "n/a"
                 results[f"ray {actors} actor(s)"] = args.rows / total
-                print(f"scan --ray, {actors} actor(s) x 1 thread: {args.rows / total:.2f} rows/s end to end, "
-                      f"{steady} rows/s steady (start-up of actors + model load: {fixed:.2f} s)")
+                print(
+                    f"scan --ray, {actors} actor(s) x 1 thread: {args.rows / total:.2f} rows/s end to end, "
+                    f"{steady} rows/s steady (start-up of actors + model load: {fixed:.2f} s)"
+                )
         finally:
             ray.shutdown()
     local1, local2 = results["local 1 thread(s)"], results["local 2 thread(s)"]
     ray1, ray2 = results["ray 1 actor(s)"], results["ray 2 actor(s)"]
-    print(f"ratios: ray 2 actors / local 2 threads = {ray2 / local2:.2f} (target >= 0.9); "
-          f"ray 2 actors / 1 actor = {ray2 / ray1:.2f}; local 2 threads / 1 thread = {local2 / local1:.2f}; "
-          f"ray 1 actor / local 1 thread = {ray1 / local1:.2f}")
+    print(
+        f"ratios: ray 2 actors / local 2 threads = {ray2 / local2:.2f} (target >= 0.9); "
+        f"ray 2 actors / 1 actor = {ray2 / ray1:.2f}; local 2 threads / 1 thread = {local2 / local1:.2f}; "
+        f"ray 1 actor / local 1 thread = {ray1 / local1:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import argparse
 import http.client
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,8 +39,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(latencies: list[float], wall: float) -> dict:
-    return {"n": len(latencies), "rps": len(latencies) / wall, "p50_ms": pct(latencies, 0.5) * 1e3,
-            "p99_ms": pct(latencies, 0.99) * 1e3}
+    return {
+        "n": len(latencies),
+        "rps": len(latencies) / wall,
+        "p50_ms": pct(latencies, 0.5) * 1e3,
+        "p99_ms": pct(latencies, 0.99) * 1e3,
+    }
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -49,8 +52,7 @@ def fixture_models() -> tuple[Path, Path]:
     from tests.fixtures.checkpoints import build_checkpoint
     from tests.fixtures.converted import converted
 
-    return (converted(build_checkpoint("gen"), ("f16",)),
-            converted(build_checkpoint("stream", seed=2), ("f16",)))
+    return (converted(build_checkpoint("gen"), ("f16",)), converted(build_checkpoint("stream", seed=2), ("f16",)))
 
 
 def full_models() -> tuple[Path, Path]:
@@ -62,8 +64,14 @@ def full_models() -> tuple[Path, Path]:
 # -- the server ---------------------------------------------------------------------------
 class Server:
     def __init__(self, args: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeguard", "serve", "--port", "0", *args], cwd=REPO,
-                                     env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeguard", "serve", "--port", "0", *args],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         self.port = None
         for line in self.proc.stderr:
             if "serving on" in line:
@@ -211,25 +219,33 @@ def main() -> None:
 
     if not args.skip_gen:
         results["gen_in_process"] = step("Gen, in process", gen_in_process, gen, prompts, args.threads)
-    server = step("starting the server", Server,
-                  ["--model", str(gen), "--stream-model", str(stream), "--threads", str(args.threads)], env)
+    server = step(
+        "starting the server",
+        Server,
+        ["--model", str(gen), "--stream-model", str(stream), "--threads", str(args.threads)],
+        env,
+    )
     try:
         if not args.skip_gen:
             step("warming up", gen_server, server.port, prompts[:8], 4)
         for clients in () if args.skip_gen else (1, 4, 16):
-            results[f"gen_server_{clients}"] = step(f"Gen, {clients} clients", gen_server, server.port, prompts,
-                                                    clients)
+            results[f"gen_server_{clients}"] = step(
+                f"Gen, {clients} clients", gen_server, server.port, prompts, clients
+            )
         step("warming up", stream_server, server.port, 1, tokens[:4])
         results["stream_server_1"] = step("Stream, 1 stream", stream_server, server.port, 1, tokens)
         results["stream_server_8"] = step("Stream, 8 streams", stream_server, server.port, 8, tokens)
     finally:
         server.stop()
     for n in (1, 8):
-        results[f"stream_in_process_{n}"] = step(f"Stream, in process, {n} sessions", stream_in_process, stream,
-                                                 tokens, args.threads, n)
+        results[f"stream_in_process_{n}"] = step(
+            f"Stream, in process, {n} sessions", stream_in_process, stream, tokens, args.threads, n
+        )
 
-    print(f"edgeguard serve benchmark ({results['model']}, {args.threads} threads, {args.requests} Gen requests, "
-          f"{args.tokens} tokens per stream)")
+    print(
+        f"edgeguard serve benchmark ({results['model']}, {args.threads} threads, {args.requests} Gen requests, "
+        f"{args.tokens} tokens per stream)"
+    )
     if not args.skip_gen:
         gen_table(results)
     stream_table(results)
@@ -241,12 +257,16 @@ def gen_table(results: dict) -> None:
     base = results["gen_in_process"]
     print("| Gen | req/s | p50 ms | p99 ms | throughput vs in-process loop |")
     print("|---|---|---|---|---|")
-    print(f"| in-process `GenGuard.check` loop | {base['rps']:.1f} | {base['p50_ms']:.1f} | {base['p99_ms']:.1f} | 1.00x |")
+    print(
+        f"| in-process `GenGuard.check` loop | {base['rps']:.1f} | {base['p50_ms']:.1f} | {base['p99_ms']:.1f} | 1.00x |"
+    )
     for clients in (1, 4, 16):
         r = results[f"gen_server_{clients}"]
         r["vs_in_process"] = r["rps"] / base["rps"]
-        print(f"| server, {clients} client{'s' if clients > 1 else ''} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['vs_in_process']:.2f}x |")
+        print(
+            f"| server, {clients} client{'s' if clients > 1 else ''} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['vs_in_process']:.2f}x |"
+        )
 
 
 def stream_table(results: dict) -> None:
@@ -258,8 +278,10 @@ def stream_table(results: dict) -> None:
         for n in (1, 8):
             r = results[f"{key}_{n}"]
             r["p50_vs_single"] = r["p50_ms"] / one["p50_ms"]
-            print(f"| {where}, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                  f"{r['p99_ms']:.1f} | {r['p50_vs_single']:.2f}x |")
+            print(
+                f"| {where}, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['p50_vs_single']:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

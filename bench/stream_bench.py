@@ -8,7 +8,6 @@ that load from other processes hits both alike. transformers runs in its own pro
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,20 @@ from bench.common import Timer, stats_ms, words, worker_main
 class BareLlama:
     """The plain llama.cpp C API, nothing else: one context, a reusable batch, no copies."""
 
-    def __init__(self, path: Path, threads: int, *, embeddings: bool = False, n_ctx: int = 2048,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16"):
+    def __init__(
+        self,
+        path: Path,
+        threads: int,
+        *,
+        embeddings: bool = False,
+        n_ctx: int = 2048,
+        n_gpu_layers: int = 0,
+        flash_attn: bool | None = None,
+        kv_type: str = "f16",
+    ):
         import llama_cpp
 
-        from edgeguard.llama_model import load_model
+        from edgeguard.runtime.llama_model import load_model
 
         self.L = L = llama_cpp
         L.llama_backend_init()
@@ -38,9 +46,11 @@ class BareLlama:
         cp.no_perf = True
         if flash_attn is not None:  # else llama.cpp's own choice ("auto")
             cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cp.type_k, cp.type_v = {"f16": (L.GGML_TYPE_F16, L.GGML_TYPE_F16),
-                                 "q8_0-keys": (L.GGML_TYPE_Q8_0, L.GGML_TYPE_F16),
-                                 "q8_0": (L.GGML_TYPE_Q8_0, L.GGML_TYPE_Q8_0)}[kv_type]
+        cp.type_k, cp.type_v = {
+            "f16": (L.GGML_TYPE_F16, L.GGML_TYPE_F16),
+            "q8_0-keys": (L.GGML_TYPE_Q8_0, L.GGML_TYPE_F16),
+            "q8_0": (L.GGML_TYPE_Q8_0, L.GGML_TYPE_Q8_0),
+        }[kv_type]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx {n_ctx}, kv {kv_type})")
@@ -74,7 +84,7 @@ class BareLlama:
     def generate(self, tokens, n_new: int) -> list[int]:
         """Plain greedy generation: prefill (512-token chunks), then one decode per new token."""
         for start in range(0, len(tokens), 512):
-            ptr = self.decode(tokens[start:start + 512])
+            ptr = self.decode(tokens[start : start + 512])
         n_vocab = self.L.llama_vocab_n_tokens(self.L.llama_model_get_vocab(self.model))
         out = []
         for _ in range(n_new):
@@ -106,8 +116,11 @@ def per_token(args: dict) -> dict:
     load_s = t.s
     layers = guard.device.n_gpu_layers
     bare = BareLlama(gguf_path(plain, quant), threads, n_gpu_layers=layers)
-    bare_emb = (BareLlama(gguf_path(plain, quant), threads, embeddings=True, n_gpu_layers=layers)
-                if args.get("embd_mode", True) else None)
+    bare_emb = (
+        BareLlama(gguf_path(plain, quant), threads, embeddings=True, n_gpu_layers=layers)
+        if args.get("embd_mode", True)
+        else None
+    )
     prompt = words(40, 11)
     ids = _response_ids(n_tok + 8)
     prompt_tokens, _ = guard.prompt_tokens(prompt)
@@ -176,8 +189,13 @@ def per_token(args: dict) -> dict:
         bare_emb.close()
     feed_med = stats_ms(feed_t)["median_ms"]
     return {
-        "quant": quant, "threads": threads, "load_s": load_s, "n_prompt_tokens": n_prompt,
-        "feed": stats_ms(feed_t), "bare_decode": stats_ms(bare_t), "bare_decode_embd_mode": stats_ms(emb_t),
+        "quant": quant,
+        "threads": threads,
+        "load_s": load_s,
+        "n_prompt_tokens": n_prompt,
+        "feed": stats_ms(feed_t),
+        "bare_decode": stats_ms(bare_t),
+        "bare_decode_embd_mode": stats_ms(emb_t),
         "breakdown_median_ms": {
             "feed_total": feed_med,
             "llama_decode": stats_ms(dec_t)["median_ms"],
@@ -185,9 +203,12 @@ def per_token(args: dict) -> dict:
             "python_other": feed_med - stats_ms(dec_t)["median_ms"] - stats_ms(head_t)["median_ms"],
         },
         "backlog": {"k": k, "one_feed": stats_ms(back_t), "k_single_feeds": stats_ms(singles_t)},
-        "check": stats_ms(check_t), "bare_prefill": stats_ms(prefill_t),
-        "check_by_kind": {kd: {"n_tokens": v["n_tokens"], "check": stats_ms(v["check"]),
-                               "bare_prefill": stats_ms(v["bare_prefill"])} for kd, v in by_kind.items()},
+        "check": stats_ms(check_t),
+        "bare_prefill": stats_ms(prefill_t),
+        "check_by_kind": {
+            kd: {"n_tokens": v["n_tokens"], "check": stats_ms(v["check"]), "bare_prefill": stats_ms(v["bare_prefill"])}
+            for kd, v in by_kind.items()
+        },
     }
 
 

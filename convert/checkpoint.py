@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeguard.errors import ConversionError
-from edgeguard.formats import CHECKPOINT_FILES
+from edgeguard.models.formats import CHECKPOINT_FILES
 from edgeguard_convert.safetensors_reader import TensorRecord, read_checkpoint_tensors
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "gen", "Qwen3ForGuardModel": "stream"}

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeguard.formats import HEADS_INPUT as INPUT, HEADS_OUTPUTS as OUTPUTS
+from edgeguard.models.formats import HEADS_INPUT as INPUT
+from edgeguard.models.formats import HEADS_OUTPUTS as OUTPUTS
 from edgeguard_convert.checkpoint import Checkpoint
 
 OPSET = 17
@@ -30,7 +31,9 @@ PATHS = {
 
 def _path_nodes(prefix: str, names: tuple[str, str, str, str]):
     pre, norm, risk, cat = names
-    n = lambda op, ins, out, **kw: helper.make_node(op, ins, [f"{prefix}_{out}"], name=f"{prefix}_{out}", **kw)
+    def n(op, ins, out, **kw):
+        return helper.make_node(op, ins, [f"{prefix}_{out}"], name=f"{prefix}_{out}", **kw)
+
     return [
         helper.make_node("MatMul", [INPUT, f"{pre}_t"], [f"{prefix}_pre"], name=f"{prefix}_pre"),
         n("Mul", [f"{prefix}_pre", f"{prefix}_pre"], "sq"),

@@ -6,18 +6,17 @@ complete, so an interrupted or failed conversion never leaves a model that looks
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from edgeguard.errors import ConversionError
-from edgeguard.manifest import MANIFEST_NAME, Manifest, file_entry
+from edgeguard.models.manifest import MANIFEST_NAME, Manifest, file_entry
 from edgeguard_convert.checkpoint import Checkpoint, load_checkpoint
 from edgeguard_convert.gguf_out import write_model_gguf, write_vocab_gguf
 from edgeguard_convert.heads_onnx import write_heads_onnx

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgeguard.errors import ConversionError, UsageError
-from edgeguard.formats import DEFAULT_QUANTS, QUANT_FTYPES as QUANTS  # noqa: F401 (re-exported)
+from edgeguard.models.formats import DEFAULT_QUANTS
+from edgeguard.models.formats import QUANT_FTYPES as QUANTS
 
 
 def parse_quants(text: str | None) -> tuple[str, ...]:
@@ -33,7 +34,7 @@ def _tensor_progress(bar, verbose: bool):
     """Route llama.cpp's log into ``bar`` (tensors done) while quantizing, then back."""
     import llama_cpp
 
-    from edgeguard.backend import init_llama
+    from edgeguard.runtime.backend import init_llama
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -59,7 +60,7 @@ def quantize(src: Path, dst: Path, quant: str, *, threads: int | None = None, ve
     import llama_cpp  # heavy: imported only when quantizing
 
     from edgeguard import progress
-    from edgeguard.backend import init_llama
+    from edgeguard.runtime.backend import init_llama
 
     init_llama(verbose)  # routes (silences) llama.cpp's log
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from edgeguard.kernels import ALLOW_AMX_ENV, CUDA_INSTALL
+from edgeguard.runtime.heads import onnxruntime_info
+from edgeguard.runtime.kernels import ALLOW_AMX_ENV, CUDA_INSTALL
 
 SELFTEST_TIMEOUT_S = 300
 
@@ -37,14 +38,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _onnxruntime() -> dict:
-    try:
-        import onnxruntime
-    except ImportError as e:
-        return {"version": None, "error": str(e)}
-    return {"version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
 
 
 def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None,
@@ -74,8 +67,9 @@ def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None
 
 def gather(device: str = "auto", self_test: bool = True) -> dict:
     """The whole report as plain JSON types; ``report["healthy"]`` says whether all is well."""
-    from edgeguard import backend, hub
-    from edgeguard.kernels import amx_allowed, arm_note, choose_device, plan_kernels
+    from edgeguard.models import hub
+    from edgeguard.runtime import backend
+    from edgeguard.runtime.kernels import amx_allowed, arm_note, choose_device, plan_kernels
 
     info = backend.system_info()
     report: dict = {
@@ -83,7 +77,7 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}",
         "llama_cpp": _version("llama-cpp-python"),
-        "onnxruntime": _onnxruntime(),
+        "onnxruntime": onnxruntime_info(),
         "llama_system_info": info.summary(),
         "gpu_offload": backend.gpu_offload_supported(),
         "devices": backend.devices(),
@@ -130,9 +124,9 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
 
 def _attention(device: str) -> dict:
     """Whether each engine runs llama.cpp's flash attention on this device, by default."""
-    from edgeguard import gen, stream
-    from edgeguard.engine import LONG_CTX
-    from edgeguard.kernels import choose_flash_attn, choose_kv_type
+    from edgeguard.engines import gen, stream
+    from edgeguard.engines.core import LONG_CTX
+    from edgeguard.runtime.kernels import choose_flash_attn, choose_kv_type
 
     def pick(defaults, crowded=False):
         return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type, crowded=crowded)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from edgeguard import registry, store
 from edgeguard.errors import ModelError, UsageError
-from edgeguard.formats import LOAD_PREFERENCE
-from edgeguard.manifest import MANIFEST_NAME, Manifest
+from edgeguard.models import registry, store
+from edgeguard.models.formats import LOAD_PREFERENCE
+from edgeguard.models.manifest import MANIFEST_NAME, Manifest
+
+if TYPE_CHECKING:
+    from edgeguard.engines.core import EngineOptions
+    from edgeguard.engines.gen import GenGuard, GenOptions
+    from edgeguard.engines.stream import StreamGuard, StreamOptions
+    from edgeguard.policy import Policy
 
 Progress = Callable[[str], None]
+_Options = TypeVar("_Options", bound="EngineOptions")
 
 
 def resolve(model: str | Path | None, quant: str | None = None, *, kind: str = "gen",
@@ -42,7 +50,8 @@ def resolve(model: str | Path | None, quant: str | None = None, *, kind: str = "
     )
 
 
-def _from_registry(spec, quant, offline, progress):
+def _from_registry(spec: registry.ModelSpec, quant: str | None, offline: bool | None,
+                   progress: Progress) -> tuple[Path, Manifest, str]:
     folder = store.pull(spec, quant, offline=offline, progress=progress)
     manifest = Manifest.read(folder)
     return folder, manifest, _pick_quant(manifest, quant)
@@ -59,8 +68,9 @@ def _pick_quant(manifest: Manifest, quant: str | None) -> str:
     return quant
 
 
-def load(model: str | Path | None = None, quant: str | None = None, *, policy="strict", engine: str | None = None,
-         offline: bool | None = None, progress: Progress = lambda m: None, options=None, **kwargs):
+def load(model: str | Path | None = None, quant: str | None = None, *, policy: Policy | str = "strict",
+         engine: str | None = None, offline: bool | None = None, progress: Progress = lambda m: None,
+         options: GenOptions | StreamOptions | None = None, **kwargs: Any) -> GenGuard | StreamGuard:
     """A ``GenGuard`` or ``StreamGuard`` by the model's kind (or ``engine`` for the default).
 
     Engine options come as a typed ``GenOptions`` / ``StreamOptions`` (``options=``) or as
@@ -71,16 +81,24 @@ def load(model: str | Path | None = None, quant: str | None = None, *, policy="s
     if engine is not None and engine != manifest.kind:
         raise UsageError(f"{manifest.name} is a {manifest.kind} model; it cannot run the {engine} engine")
     if manifest.kind == "gen":
-        from edgeguard.gen import GenGuard as Guard, GenOptions as Options
+        from edgeguard.engines.gen import GenGuard, GenOptions
 
         kwargs.setdefault("prefix_cache", store.prefix_dir())
-    else:
-        from edgeguard.stream import StreamGuard as Guard, StreamOptions as Options
+        gen_options = _options(GenOptions, manifest.kind, options, kwargs)
+        return GenGuard(folder, manifest, quant, policy=policy, options=gen_options)
+    from edgeguard.engines.stream import StreamGuard, StreamOptions
+
+    stream_options = _options(StreamOptions, manifest.kind, options, kwargs)
+    return StreamGuard(folder, manifest, quant, policy=policy, options=stream_options)
+
+
+def _options(cls: type[_Options], kind: str, options: object, kwargs: dict[str, Any]) -> _Options:
+    """``options`` checked to be a ``cls``, or a ``cls`` made from the keyword arguments."""
     if options is not None and kwargs.keys() - {"prefix_cache"}:
         raise UsageError("give engine options either as options= or as keyword arguments, not both")
     if options is None:
-        options = Options.from_kwargs(manifest.kind, **kwargs)
-    elif not isinstance(options, Options):
-        raise UsageError(f"options for a {manifest.kind} model must be {Options.__name__}, "
+        return cls.from_kwargs(kind, **kwargs)
+    if not isinstance(options, cls):
+        raise UsageError(f"options for a {kind} model must be {cls.__name__}, "
                          f"got {type(options).__name__}")
-    return Guard(folder, manifest, quant, policy=policy, options=options)
+    return options

@@ -26,12 +26,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Union
 
 from edgeguard.errors import UsageError
-from edgeguard.verdict import LABELS
-
 from edgeguard.tomlfile import read_toml
+from edgeguard.verdict import LABELS
 
 # The real Qwen3Guard names: the eight response categories, plus Jailbreak for prompts.
 KNOWN_CATEGORIES = (
@@ -47,13 +45,13 @@ KNOWN_CATEGORIES = (
 )
 NO_CATEGORY = "None"
 
-Rule = Union[str, float]
+Rule = str | float
 
 
 def _check_rule(value: object) -> Rule:
     """A valid rule, or ValueError saying what is accepted."""
     if value in ("allow", "flag"):
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
         return float(value)
     raise ValueError(f'expected "allow", "flag" or a score threshold in [0, 1], got {value!r}')

@@ -13,7 +13,8 @@ import time
 from tqdm import tqdm
 
 PLAIN_INTERVAL_S = 10.0
-_PLAIN_FORMAT = "edgeguard: {desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
+_PLAIN_FORMAT = ("edgeguard: {desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) "
+                 "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 _PLAIN_FORMAT_NO_TOTAL = "edgeguard: {desc}: {n_fmt} [{elapsed}, {rate_fmt}]{postfix}"
 
 

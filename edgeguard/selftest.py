@@ -31,13 +31,15 @@ def write_backbone(path: Path, seed: int = 0) -> None:
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
     writer = gguf.GGUFWriter(os.fspath(path), "qwen3")
-    for add, value in ((writer.add_context_length, 512), (writer.add_embedding_length, HIDDEN),
-                       (writer.add_block_count, LAYERS), (writer.add_feed_forward_length, FFN),
-                       (writer.add_head_count, HEADS), (writer.add_head_count_kv, KV_HEADS),
-                       (writer.add_key_length, HEAD_DIM), (writer.add_value_length, HEAD_DIM),
-                       (writer.add_layer_norm_rms_eps, 1e-6), (writer.add_rope_freq_base, 1e6),
-                       (writer.add_tokenizer_model, "none"), (writer.add_vocab_size, VOCAB)):
-        add(value)
+    for add_int, number in ((writer.add_context_length, 512), (writer.add_embedding_length, HIDDEN),
+                            (writer.add_block_count, LAYERS), (writer.add_feed_forward_length, FFN),
+                            (writer.add_head_count, HEADS), (writer.add_head_count_kv, KV_HEADS),
+                            (writer.add_key_length, HEAD_DIM), (writer.add_value_length, HEAD_DIM),
+                            (writer.add_vocab_size, VOCAB)):
+        add_int(number)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(1e6)
+    writer.add_tokenizer_model("none")
     writer.add_tensor("token_embd.weight", matrix(VOCAB, HIDDEN))
     ones = np.ones(HIDDEN, np.float32)
     for i in range(LAYERS):
@@ -58,7 +60,7 @@ def write_backbone(path: Path, seed: int = 0) -> None:
 
 def run(folder: Path, device: str) -> dict:
     """Write, quantize, load with edgeguard's settings and decode; returns what was seen."""
-    from edgeguard.backend import Backend, choose_device
+    from edgeguard.runtime.backend import Backend, choose_device
     from edgeguard_convert.quantize import quantize
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-LABELS = ("Safe", "Unsafe", "Controversial")
-ENGINES = ("gen", "stream")
+from edgeguard.kinds import ENGINES, LABELS
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 REFUSALS = ("Yes", "No")
 
 def _frozen_scores(name: str, scores: Mapping[str, float]) -> Mapping[str, float]:
@@ -30,9 +33,9 @@ def _check_label(label: str) -> None:
 class _Frozen:
     """Pickling and deepcopy support: mapping proxies cannot be pickled, plain dicts can."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[_Frozen], tuple[Any, ...]]:
         values = []
-        for f in fields(self):
+        for f in fields(cast("DataclassInstance", self)):  # only dataclasses subclass _Frozen
             value = getattr(self, f.name)
             values.append(dict(value) if isinstance(value, MappingProxyType) else value)
         return (self.__class__, tuple(values))
@@ -137,7 +140,7 @@ class TokenVerdict(_Frozen):
 
 @dataclass(frozen=True, eq=True)
 class StreamState:
-    """The debounced state of a streamed response (see ``edgeguard.debounce``).
+    """The debounced state of a streamed response (see ``edgeguard.engines.debounce``).
 
     ``flagged`` means the debounce has triggered (label Unsafe or Controversial); whether a
     Controversial trigger counts is the policy's call (``edgeguard.policy.decide``).

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-# Largest allowed |x86 - arm64| of any probability, per engine and quant. Issue 15 measured, on
+# Largest allowed |x86 - arm64| of any probability, per engine and quant. The x86 and arm64 runs measured, on
 # the same kind of fixtures: Gen 0.001 (F16) to 0.022 (Q8_0, response mode); Stream per token
 # 0.005 (F16), 0.009 (Q8_0), 0.018 (Q4_K_M). Q4_0 was not measured there; its bound is this
-# script's own measurement (see the README's "Raspberry Pi" section) with the same headroom.
+# script's own measurement (see docs/hardware.md) with the same headroom.
 TOLERANCE = {
     "gen": {"f16": 0.001, "q8_0": 0.022, "q4_k_m": 0.022, "q4_0": 0.022},
     "stream": {"f16": 0.005, "q8_0": 0.009, "q4_k_m": 0.018, "q4_0": 0.018},
@@ -83,7 +83,7 @@ def _gen_args(messages: list[dict]) -> tuple[str, str | None]:
 
 def _buffers(gguf: Path, mode: str) -> dict[str, float]:
     """The llama.cpp buffers (MiB by buffer type) this GGUF loads into with repacking on."""
-    from edgeguard.backend import Backend
+    from edgeguard.runtime.backend import Backend
 
     with Backend(gguf, n_ctx=64, mode=mode, n_batch=16, repack=True) as backend:
         return dict(backend.buffers)
@@ -96,8 +96,8 @@ def _repack_modes(quant: str) -> tuple[bool, ...]:
 
 def run(models_dir: Path, out: Path) -> None:
     import edgeguard
-    from edgeguard import backend
-    from edgeguard.stream_cli import run_stream
+    from edgeguard.cli.stream import run_stream
+    from edgeguard.runtime import backend
 
     cases = json.loads((models_dir / "cases.json").read_text())
     record = {"machine": platform.machine(), "system_info": backend.system_info().summary(), "results": {}}
@@ -111,8 +111,9 @@ def run(models_dir: Path, out: Path) -> None:
             if model["kind"] == "gen":
                 for repack in _repack_modes(quant):
                     with edgeguard.load(str(folder), quant, repack=repack, n_threads=2) as guard:
-                        entry[f"repack={repack}"] = [guard.check(*_gen_args(c["messages"])).to_dict()
-                                                     for c in cases["gen"]]
+                        entry[f"repack={repack}"] = [
+                            guard.check(*_gen_args(c["messages"])).to_dict() for c in cases["gen"]
+                        ]
             else:
                 with edgeguard.load(str(folder), quant, n_threads=2) as guard:
                     entry["stream"] = []
@@ -160,8 +161,7 @@ def _compare_gen(x: dict, y: dict, tol: float, where: str) -> tuple[float, int]:
     return worst, ties
 
 
-def _compare_stream(xs: list[dict], ys: list[dict], tol: float, where: str,
-                    categories: bool) -> tuple[float, int]:
+def _compare_stream(xs: list[dict], ys: list[dict], tol: float, where: str, categories: bool) -> tuple[float, int]:
     """As ``_compare_gen``; ``categories``: whether token categories must be equal too (a
     TokenVerdict carries no category scores, so a near tie cannot be told from a real miss:
     checked on the trained models, whose categories are decided, not on random weights)."""
@@ -174,8 +174,10 @@ def _compare_stream(xs: list[dict], ys: list[dict], tol: float, where: str,
             ties += 1
             label_swaps += 1
         elif x["label"] != y["label"] or (x["category"] != y["category"] and categories):
-            raise Miss(f"{where} token {x['index']}: {x['label']}/{x['category']} on x86, "
-                       f"{y['label']}/{y['category']} on arm64")
+            raise Miss(
+                f"{where} token {x['index']}: {x['label']}/{x['category']} on x86, "
+                f"{y['label']}/{y['category']} on arm64"
+            )
         else:
             ties += x["category"] != y["category"]
     x, y = xs[-1], ys[-1]
@@ -203,19 +205,26 @@ def compare(x86: dict, arm: dict):
         engine = "gen" if name.startswith("gen") else "stream"
         tol = TOLERANCE[engine][quant]
         if engine == "gen":
-            pairs = [(a, b, f"{key} check {i} repack={r}") for r in _repack_modes(quant)
-                     for i, (a, b) in enumerate(zip(x[f"repack={r}"], y[f"repack={r}"], strict=True))]
+            pairs = [
+                (a, b, f"{key} check {i} repack={r}")
+                for r in _repack_modes(quant)
+                for i, (a, b) in enumerate(zip(x[f"repack={r}"], y[f"repack={r}"], strict=True))
+            ]
             found = [_compare_gen(a, b, tol, where) for a, b, where in pairs]
             n = f"{len(pairs)} checks"
         else:
-            found = [_compare_stream(a, b, tol, f"{key} stream {i}", categories=name.endswith("trained"))
-                     for i, (a, b) in enumerate(zip(x["stream"], y["stream"], strict=True))]
+            found = [
+                _compare_stream(a, b, tol, f"{key} stream {i}", categories=name.endswith("trained"))
+                for i, (a, b) in enumerate(zip(x["stream"], y["stream"], strict=True))
+            ]
             n = f"{sum(len(s) - 1 for s in x['stream'])} tokens"
         worst, ties = max(w for w, _ in found), sum(t for _, t in found)
         repack = y["buffers"].get("CPU_REPACK", 0.0)
         tied = f", {ties} near-tie swap{'s' * (ties != 1)}" if ties else ""
-        yield (f"{key:<21} {n:>10}  max |diff| {worst:.4f} (tolerance {tol}{tied})  "
-               f"arm64: CPU_REPACK {repack:.1f} MiB, {y['seconds']} s")
+        yield (
+            f"{key:<21} {n:>10}  max |diff| {worst:.4f} (tolerance {tol}{tied})  "
+            f"arm64: CPU_REPACK {repack:.1f} MiB, {y['seconds']} s"
+        )
         if worst > tol:
             raise Miss(f"{key}: max score difference {worst:.4f} > tolerance {tol}")
 

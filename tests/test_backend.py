@@ -1,4 +1,4 @@
-"""edgeguard.backend against real llama.cpp on tiny random Qwen3 GGUFs written by the test."""
+"""edgeguard.runtime.backend against real llama.cpp on tiny random Qwen3 GGUFs written by the test."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeguard import llama_model
-from edgeguard.backend import Backend, Vocab
 from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
+from edgeguard.runtime import llama_model
+from edgeguard.runtime.backend import Backend, Vocab
 from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 
 N_VOCAB = 1000
@@ -283,7 +283,7 @@ def test_a_short_state_file_is_reported_not_loaded(models, tokens, tmp_path):
     script = textwrap.dedent(f"""
         import os, resource, signal
         import llama_cpp
-        from edgeguard.backend import Backend
+        from edgeguard.runtime.backend import Backend
         with Backend({str(models["full"])!r}, n_ctx=64, n_threads=1) as be:
             be.eval({list(tokens)!r})
             whole = llama_cpp.llama_state_seq_get_size(be._ctx, 0) + 4
@@ -336,7 +336,7 @@ def test_metadata_llama_cpp_aborts_on_is_a_model_error(models, tmp_path, key, va
     reader.data.flush()
     del reader
     script = textwrap.dedent(f"""
-        from edgeguard.backend import Backend, Vocab
+        from edgeguard.runtime.backend import Backend, Vocab
         from edgeguard.errors import ModelError
         for load in (lambda: Backend({str(path)!r}, n_ctx=32, n_threads=1), lambda: Vocab({str(path)!r})):
             try:

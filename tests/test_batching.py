@@ -15,10 +15,10 @@ import threading
 
 import pytest
 
+from edgeguard.engines.gen import GenGuard, GenOptions
+from edgeguard.engines.stream import StreamGuard, StreamOptions
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.gen import GenGuard, GenOptions
-from edgeguard.manifest import Manifest
-from edgeguard.stream import StreamGuard, StreamOptions
+from edgeguard.models.manifest import Manifest
 from tests.fixtures.converted import converted
 
 TOL = 1e-3
@@ -86,7 +86,7 @@ def test_gen_check_many_equals_one_by_one(gen_folder, one_by_one, quant, batch_s
 
 
 def test_gen_batch_grows_the_context_inside_a_batch(gen_folder, one_by_one, monkeypatch):
-    import edgeguard.gen as gen_module
+    import edgeguard.engines.gen as gen_module
 
     monkeypatch.setattr(gen_module, "DEFAULTS", dataclasses.replace(gen_module.DEFAULTS, initial_ctx=256))
     with GenGuard(gen_folder, Manifest.read(gen_folder), "f16", options=GenOptions(max_batch=8)) as g:
@@ -118,7 +118,7 @@ def test_gen_threads_share_one_guard(gen_folder, one_by_one):
             try:
                 x = ITEMS[i % len(ITEMS)]
                 results[i] = g.check(*x) if isinstance(x, tuple) else g.check(x)
-            except Exception as e:  # noqa: BLE001 - collected and asserted below
+            except Exception as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
@@ -144,7 +144,7 @@ def alone(folder, prompt, ids):
 
 
 def test_stream_feed_many_equals_each_session_alone(stream_folder, monkeypatch):
-    import edgeguard.stream as stream_module
+    import edgeguard.engines.stream as stream_module
 
     with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
         ids = g.response_tokens(RESPONSE)
@@ -204,8 +204,8 @@ def test_stream_turns_flash_attention_on_for_a_crowd_without_changing_verdicts(s
 def test_stream_growth_moves_sessions_through_files_or_memory(stream_folder, monkeypatch, files):
     """A context grown while sessions are live gives each session what it gets alone, whether
     the states went through temporary files or (where those cannot be written) memory."""
-    import edgeguard.stream as stream_module
-    from edgeguard.backend import Backend
+    import edgeguard.engines.stream as stream_module
+    from edgeguard.runtime.backend import Backend
 
     with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16") as g:
         ids = g.response_tokens(RESPONSE)[:40]
@@ -270,7 +270,7 @@ def test_stream_threads_share_one_guard(stream_folder):
                     for k in range(0, len(ids), 5):
                         scores += [v.scores for v in s.feed(ids[k:k + 5])]
                     results.append(scores)
-            except Exception as e:  # noqa: BLE001 - collected and asserted below
+            except Exception as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=work) for _ in range(6)]

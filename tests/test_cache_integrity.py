@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeguard import store
+from edgeguard.engines.gen import GenGuard, GenOptions
 from edgeguard.errors import IntegrityError
-from edgeguard.gen import GenGuard, GenOptions
-from edgeguard.manifest import MANIFEST_NAME, Manifest
+from edgeguard.models import store
+from edgeguard.models.manifest import MANIFEST_NAME, Manifest
 from tests.fixtures.converted import converted
 
 PROMPT = "How do I bake bread at home?"

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from edgeguard import cli
+from edgeguard.cli import commands as cli
 from edgeguard.cli import main
 from tests.fixtures.converted import converted
 

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from edgeguard.backend import Backend, Vocab
-from edgeguard.manifest import Manifest
+from edgeguard.models.manifest import Manifest
+from edgeguard.runtime.backend import Backend, Vocab
 from tests.fixtures import oracle
 from tests.fixtures.checkpoints import read_vocab_test_vectors
 from tests.fixtures.converted import converted

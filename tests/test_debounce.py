@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from edgeguard.debounce import Debouncer, first_trigger
+from edgeguard.engines.debounce import Debouncer, first_trigger
 from edgeguard.verdict import StreamState
 
 S, U, C = "Safe", "Unsafe", "Controversial"

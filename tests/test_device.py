@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgeguard.backend import Backend, cpu_extra_buffer_types, gpu_offload_supported, system_info
 from edgeguard.cli import main
-from edgeguard.kernels import CUDA_INSTALL
+from edgeguard.runtime.backend import Backend, cpu_extra_buffer_types, gpu_offload_supported, system_info
+from edgeguard.runtime.kernels import CUDA_INSTALL
 from edgeguard.selftest import HIDDEN, write_backbone
 from edgeguard_convert.quantize import quantize
 from tests.fixtures.converted import converted
@@ -116,7 +116,7 @@ def test_doctor_reports_and_self_tests_in_a_child():
 
 
 IMPORTS = {
-    "edgeguard": "import edgeguard.gen, edgeguard.stream",
+    "edgeguard": "import edgeguard.engines.gen, edgeguard.engines.stream",
     "onnxruntime": "import onnxruntime",
     "torch": "import torch",
     "llama_cpp": "import llama_cpp",

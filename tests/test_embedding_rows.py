@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeguard.embedding_rows import EmbeddingRows
 from edgeguard.errors import ModelError
+from edgeguard.runtime.embedding_rows import EmbeddingRows
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

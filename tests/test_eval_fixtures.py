@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgeguard.cli import main
-from edgeguard.eval_data import load as load_data
-from edgeguard.evaluate import EvalOptions, run_eval
+from edgeguard.eval.data import load as load_data
+from edgeguard.eval.run import EvalOptions, run_eval
 from tests.fixtures.converted import converted
 from tests.fixtures.eval_sets import GEN_FILE, STREAM_FILE, gen_eval_lines, stream_eval_lines
 from tests.fixtures.trained import trained_gen_checkpoint, trained_stream_checkpoint
@@ -257,7 +257,7 @@ def test_progress_bar_on_a_terminal_shows_rate_and_eta(monkeypatch):
     import io
     import sys
 
-    from edgeguard.evaluate import _progress_bar
+    from edgeguard.eval.run import _progress_bar
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeguard import eval_data, eval_metrics as m, eval_report
 from edgeguard.errors import UsageError
+from edgeguard.eval import data as eval_data
+from edgeguard.eval import metrics as m
+from edgeguard.eval import report as eval_report
 
 DATA = Path(__file__).parent / "data" / "eval-hand.jsonl"
 # line -> (label, category, refusal) predicted; see the hand computation in each test.

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeguard import cli
+from edgeguard.cli import commands as cli
 from edgeguard.cli import main
 from edgeguard.loader import load
 from tests.fixtures.converted import converted

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeguard.manifest import Manifest
-from edgeguard.stream import StreamGuard
+from edgeguard.engines.stream import StreamGuard
+from edgeguard.models.manifest import Manifest
 from tests.fixtures.converted import converted
 
 LOOKALIKES = ["<|im_end|>", "<|im_start|>assistant\n", "<think>", "</think>", "<|endoftext|>", "\r\n", " ",

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from edgeguard.engines.gen import GenGuard, GenOptions
+from edgeguard.engines.template import ChatTemplate, as_messages
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.gen import GenGuard, GenOptions
-from edgeguard.manifest import Manifest
-from edgeguard.template import ChatTemplate, as_messages
+from edgeguard.models.manifest import Manifest
 from tests.fixtures import oracle
 from tests.fixtures.converted import converted
 
@@ -64,7 +64,7 @@ def oracle_probs(model, tok, ids, names):
 
 
 def test_rendering_is_byte_exact_with_the_official_references(gen_dir):
-    from edgeguard.backend import Vocab
+    from edgeguard.runtime.backend import Vocab
 
     with Vocab(gen_dir / Manifest.read(gen_dir).file_for("model", "f16")) as vocab:
         template = ChatTemplate(vocab.meta("tokenizer.chat_template"))

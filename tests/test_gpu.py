@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import edgeguard
-from edgeguard.backend import gpu_offload_supported
+from edgeguard.runtime.backend import gpu_offload_supported
 from tests.fixtures.converted import converted
 from tests.test_device import ORDERS, PROMPT, scores_after_imports
 
@@ -48,7 +48,7 @@ def test_gpu_stream_sessions_match_cpu(stream_ckpt):
 
 
 # On a CUDA build, importing onnxruntime or torch after llama_cpp crashes the process (H200,
-# bench/results/gpu-h200.md); edgeguard loads onnxruntime first whenever it is imported, or
+# bench/results/2026-11-28-nvidia-h200-gpu.md); edgeguard loads onnxruntime first whenever it is imported, or
 # loads a model, before llama_cpp. These are the orders where that is in edgeguard's hands.
 SAFE_ORDERS = [o for o in ORDERS if o.index("llama_cpp") > min(o.index("edgeguard"), o.index("onnxruntime"))]
 

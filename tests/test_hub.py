@@ -12,9 +12,9 @@ from urllib.parse import unquote, urlparse
 import pytest
 from huggingface_hub import constants, scan_cache_dir
 
-from edgeguard import hub
 from edgeguard.errors import IntegrityError, ModelError
-from edgeguard.registry import ModelSpec
+from edgeguard.models import hub
+from edgeguard.models.registry import ModelSpec
 
 COMMIT = "419364a715de9840d47b1457982f64ff37f90ed4"
 REPO = "Qwen/Tiny-Guard"
@@ -134,7 +134,8 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert "tmp" not in hub.cache_dir().parts[:2]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the Linux (XDG) cache-folder rules; other platforms have their own")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="checks the Linux (XDG) cache-folder rules; other platforms have their own")
 def test_cache_dir_follows_xdg_on_linux(monkeypatch, tmp_path):
     monkeypatch.delenv("EDGEGUARD_CACHE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -7,7 +7,7 @@ an Intel Xeon with AMX, an AMD EPYC, a Raspberry Pi 5 and a CUDA build on an H20
 import pytest
 
 from edgeguard.errors import RuntimeFailure, UsageError
-from edgeguard.kernels import (
+from edgeguard.runtime.kernels import (
     CUDA_INSTALL,
     SystemInfo,
     TensorInfo,
@@ -149,7 +149,7 @@ def test_kv_type_choice():
 
 
 def test_memory_plan_picks_kv_type_and_cap():
-    from edgeguard.kernels import plan_memory
+    from edgeguard.runtime.kernels import plan_memory
 
     values = 2 * 28 * 8 * 128  # the real 0.6B: 28 layers, 8 KV heads, head_dim 128 -> 112 KiB/token at f16
     every = ["f16", "q8_0-keys", "q8_0"]

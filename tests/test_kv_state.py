@@ -1,4 +1,4 @@
-"""edgeguard.kv_state: sequence states moved between cache layouts, against real llama.cpp.
+"""edgeguard.runtime.kv_state: sequence states moved between cache layouts, against real llama.cpp.
 
 Oracles: llama.cpp's own computation in the target layout (logits of a fresh context, and the
 q8_0 keys it writes itself), and gguf-py's q8_0 quantizer for the block format.
@@ -12,9 +12,9 @@ import itertools
 import numpy as np
 import pytest
 
-from edgeguard import kv_state
-from edgeguard.backend import Backend, Vocab
 from edgeguard.errors import RuntimeFailure
+from edgeguard.runtime import kv_state
+from edgeguard.runtime.backend import Backend, Vocab
 from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 
 TEXT = "the quick brown fox jumps over the lazy dog and keeps on running far away"

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from edgeguard.backend import Backend
+from edgeguard.engines.stream import DEFAULTS, StreamGuard, StreamOptions
 from edgeguard.errors import InputTooLong, UsageError
-from edgeguard.manifest import Manifest
-from edgeguard.stream import DEFAULTS, StreamGuard, StreamOptions
+from edgeguard.models.manifest import Manifest
+from edgeguard.runtime.backend import Backend
 from tests.fixtures.converted import converted
 
 
@@ -32,7 +32,8 @@ def test_budget_grows_through_faster_kv_types_first(folder, sizes):
     (exactly while f16, then within what quantized caches cost here: 5e-3, measured 5e-4)."""
     weights_mb, values, max_ctx = sizes
     f16_mb = max_ctx * values * 2 / 2**20
-    budget = int(weights_mb + DEFAULTS.runtime_mb + 0.47 * f16_mb) + 1  # f16 ~0.47, q8_0 keys ~0.61, q8_0 ~0.89 of max_ctx
+    # f16 ~0.47, q8_0 keys ~0.61, q8_0 ~0.89 of max_ctx
+    budget = int(weights_mb + DEFAULTS.runtime_mb + 0.47 * f16_mb) + 1
     manifest = Manifest.read(folder)
     rng = random.Random(4)
     with StreamGuard(folder, manifest, "f16") as ref:

@@ -1,6 +1,6 @@
-"""Native library order on CUDA builds (edgeguard.native_order), checked on any machine.
+"""Native library order on CUDA builds (edgeguard.runtime.native_order), checked on any machine.
 
-The crash itself needs a CUDA build and a GPU (bench/gpu_probe.py; bench/results/gpu-h200.md);
+The crash itself needs a CUDA build and a GPU (bench/gpu_probe.py; bench/results/2026-11-28-nvidia-h200-gpu.md);
 here the decisions are checked with the process's library map simulated, each in a fresh
 process so that onnxruntime really is not imported yet.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeguard import native_order
+from edgeguard.runtime import native_order
 from tests.fixtures.converted import converted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def _child(body: str) -> subprocess.CompletedProcess:
     """Run ``body`` in a fresh process where llama.cpp's CUDA library counts as loaded."""
     script = textwrap.dedent("""
         import sys
-        from edgeguard import native_order
+        from edgeguard.runtime import native_order
         native_order.cuda_llama_mapped = lambda maps=None: True
     """) + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -89,7 +89,7 @@ def test_stream_cli_exits_3_with_the_reason(stream_ckpt, tmp_path):
 def test_onnxruntime_loaded_first_when_safe(already):
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import sys
-        from edgeguard import native_order
+        from edgeguard.runtime import native_order
         if {already!r}:
             import onnxruntime
         native_order.load_onnxruntime_first()

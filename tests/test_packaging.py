@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 import edgeguard
-from edgeguard import registry
 from edgeguard.cli import main
+from edgeguard.models import registry
 from edgeguard.tomlfile import read_toml
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -36,7 +36,8 @@ def test_runtime_dependencies_are_declared():
     assert "hypothesis" in names(project["optional-dependencies"]["test"])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks the Linux (XDG) cache-folder rules; other platforms have their own")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="checks the Linux (XDG) cache-folder rules; other platforms have their own")
 def test_config_dir_follows_xdg_on_linux(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)

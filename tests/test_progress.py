@@ -63,7 +63,7 @@ def test_convert_shows_tensors_written_and_quantized(gen_ckpt, tmp_path):
     assert written.group(1) == written.group(2) == quantized.group(2)  # every tensor, once each
 
 
-def test_pull_shows_download_and_conversion(hub_server):  # noqa: F811
+def test_pull_shows_download_and_conversion(hub_server):
     result = CliRunner().invoke(main, ["pull", "gen-0.6b"])
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stderr

@@ -1,4 +1,4 @@
-"""`edgeguard scan --ray` and `edgeguard.ray.moderate` on a real local Ray runtime (2 CPUs):
+"""`edgeguard scan --ray` and `edgeguard.scan.ray.moderate` on a real local Ray runtime (2 CPUs):
 the same records as a local scan, in input order, each row exactly once, also when an actor is
 killed mid-run; error rows; the missing extra."""
 
@@ -16,11 +16,17 @@ ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'edgeg
 pq = pytest.importorskip("pyarrow.parquet", reason="needs the ray extra: pip install 'edgeguard[ray]'")
 pa = pytest.importorskip("pyarrow", reason="needs the ray extra: pip install 'edgeguard[ray]'")
 
-import edgeguard.ray as eg_ray  # noqa: E402
+import edgeguard.scan.ray as eg_ray  # noqa: E402
 from edgeguard.errors import UsageError  # noqa: E402
 from tests.fixtures.converted import converted  # noqa: E402
 from tests.fixtures.ray_data import (  # noqa: E402
-    BLANK_LINE, NOT_JSON_LINE, ROWS, rows, scan, worker_pids, write_jsonl,
+    BLANK_LINE,
+    NOT_JSON_LINE,
+    ROWS,
+    rows,
+    scan,
+    worker_pids,
+    write_jsonl,
 )
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeguard import registry
 from edgeguard.errors import UsageError
-from edgeguard.registry import ModelSpec, default_model, load_registry
+from edgeguard.models import registry
+from edgeguard.models.registry import ModelSpec, default_model, load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "419364a715de9840d47b1457982f64ff37f90ed4"

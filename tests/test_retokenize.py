@@ -10,11 +10,11 @@ import random
 
 import pytest
 
-from edgeguard.backend import Vocab
+from edgeguard.engines.retokenize import Retokenizer, hard_pair
+from edgeguard.engines.stream import atomic_texts
 from edgeguard.errors import UsageError
-from edgeguard.manifest import Manifest
-from edgeguard.retokenize import Retokenizer, hard_pair
-from edgeguard.stream import atomic_texts
+from edgeguard.models.manifest import Manifest
+from edgeguard.runtime.backend import Vocab
 from tests.fixtures.converted import converted
 
 TEXTS = [
@@ -130,8 +130,8 @@ def test_bytes_split_inside_characters(vocab, atomic):
 @pytest.mark.parametrize("chunks", [[b"ab\xff cd"], [b"ab", b"\xe6\x97", b"x"], [b"ok \xe6\x97"]])
 def test_invalid_utf8_is_a_usage_error_like_the_cli(vocab, atomic, chunks):
     """The CLI rejects invalid UTF-8; feeding it in chunks must not silently replace it."""
+    from edgeguard.engines.retokenize import Retokenizer
     from edgeguard.errors import UsageError
-    from edgeguard.retokenize import Retokenizer
 
     retok = Retokenizer(vocab.tokenize, atomic=atomic)
     with pytest.raises(UsageError, match="UTF-8"):

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgeguard.cli import main
-from edgeguard.scan import ScanStats
-from edgeguard.scan_record import record_path
+from edgeguard.scan.record import record_path
+from edgeguard.scan.writer import ScanStats
 from tests.fixtures.converted import converted
 
 
@@ -119,7 +119,7 @@ def test_output_without_a_record_is_not_resumed(model, tmp_path):
 
 
 def test_a_second_writer_is_refused(model, tmp_path, monkeypatch):
-    from edgeguard import cli
+    from edgeguard.cli import commands as cli
 
     src, out = write_input(tmp_path / "in.jsonl", "A", 3), tmp_path / "out.jsonl"
     real_load = cli._load

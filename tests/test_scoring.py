@@ -1,4 +1,4 @@
-"""edgeguard.scoring.softmax against a float64 reference, and its refusal of non-finite logits."""
+"""edgeguard.engines.scoring.softmax against a float64 reference, and its refusal of non-finite logits."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from edgeguard.engines.scoring import softmax
 from edgeguard.errors import ModelError
-from edgeguard.scoring import softmax
 
 
 def test_softmax_matches_the_definition():

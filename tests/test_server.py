@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeguard.cli import main
-from edgeguard.server_openai import OPENAI_CATEGORIES
+from edgeguard.server.moderation import OPENAI_CATEGORIES
 from tests.fixtures.converted import converted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,8 @@ def test_hostile_bodies_are_400_and_poison_nothing(server, raw):
 
 
 def test_random_bodies_never_500(server):
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=30),
                                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
@@ -294,7 +295,8 @@ def test_random_bodies_never_500(server):
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(body=json_values | st.binary(max_size=40).map(lambda b: {"raw": b}))
     def one(body):
-        raw = body["raw"] if isinstance(body, dict) and isinstance(body.get("raw"), bytes) else json.dumps(body).encode()
+        is_raw = isinstance(body, dict) and isinstance(body.get("raw"), bytes)
+        raw = body["raw"] if is_raw else json.dumps(body).encode()
         for path in ("/v1/check", "/v1/moderations"):
             status, _, answer = server.post(path, raw=raw)
             assert status in (200, 400, 404), (path, raw, answer)

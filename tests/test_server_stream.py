@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeguard.cli import main
-from tests.test_server import TOL, Server, cache_env, cli_cache, stream_model, assert_same_verdict  # noqa: F401
+from tests.test_server import TOL, Server, assert_same_verdict, cache_env, cli_cache, stream_model  # noqa: F401
 
 PROMPT = "How do I bake bread?"
 RESPONSES = [
@@ -22,7 +22,7 @@ RESPONSES = [
 
 
 @pytest.fixture(scope="module")
-def server(stream_model, cache_env):  # noqa: F811
+def server(stream_model, cache_env):
     srv = Server("--stream-model", stream_model, "--max-streams", "8", env=cache_env)
     yield srv
     assert srv.stop() == 0, srv.stderr
@@ -205,7 +205,7 @@ def test_client_vanishing_mid_stream_frees_its_session(server):
     assert code == 1000 and events[-1]["event"] == "verdict"
 
 
-def test_too_many_streams_is_503(stream_model, cache_env):  # noqa: F811
+def test_too_many_streams_is_503(stream_model, cache_env):
     from websockets.exceptions import ConnectionClosed
 
     srv = Server("--stream-model", stream_model, "--max-streams", "1", env=cache_env)
@@ -227,14 +227,13 @@ def test_too_many_streams_is_503(stream_model, cache_env):  # noqa: F811
         assert srv.stop() == 0, srv.stderr
 
 
-def test_stream_auth(stream_model, cache_env):  # noqa: F811
+def test_stream_auth(stream_model, cache_env):
     from websockets.exceptions import InvalidStatus
 
     srv = Server("--stream-model", stream_model, "--api-key", "k3y", env=cache_env)
     try:
-        with pytest.raises(InvalidStatus) as e:
-            with connect(srv):
-                pass
+        with pytest.raises(InvalidStatus) as e, connect(srv):
+            pass
         assert e.value.response.status_code == 401
         with connect(srv, additional_headers={"Authorization": "Bearer k3y"}) as ws:
             ws.send(json.dumps({"prompt": PROMPT}))

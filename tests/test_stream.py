@@ -8,19 +8,16 @@ response is fed at once, token by token, in random chunks, after a rollback or a
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import random
 
 import numpy as np
 import pytest
 
-from edgeguard.debounce import first_trigger
-from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
-from edgeguard.heads import Heads
-from edgeguard.manifest import Manifest
-from edgeguard.stream import StreamGuard, StreamOptions
-from edgeguard.stream_cli import guard_stream, run_stream
+from edgeguard.engines.debounce import first_trigger
+from edgeguard.engines.stream import StreamGuard, StreamOptions
+from edgeguard.errors import InputTooLong, RuntimeFailure, UsageError
+from edgeguard.models.manifest import Manifest
 from edgeguard.verdict import LABELS
 from tests.fixtures import oracle
 from tests.fixtures.converted import converted
@@ -266,7 +263,7 @@ def test_context_overflow(folder):
 
 
 def test_context_grows_without_changing_scores(folder, guard, monkeypatch):
-    import edgeguard.stream as stream_module
+    import edgeguard.engines.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
     with guard.session(PROMPT) as s:
@@ -282,7 +279,7 @@ def test_context_grows_without_changing_scores(folder, guard, monkeypatch):
 
 
 def test_grown_size_steps():
-    from edgeguard.engine import LONG_CTX, grown_size
+    from edgeguard.engines.core import LONG_CTX, grown_size
 
     sizes = [512]
     while sizes[-1] < 7000:
@@ -310,8 +307,8 @@ def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
     score matrix) and, unless a KV type was asked for, moves to q8_0 keys (converted from the
     f16 cache on the way). Scores: those of a guard that never grew and ran the same KV type
     throughout (within 1e-3); q8_0 keys themselves cost under 5e-3 against f16 here."""
-    import edgeguard.engine as engine_module
-    import edgeguard.stream as stream_module
+    import edgeguard.engines.core as engine_module
+    import edgeguard.engines.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
     expected = _scores_by_kv_type(folder, ids)
@@ -341,8 +338,8 @@ def test_long_session_keeps_q8_0_keys_when_crowded(folder, guard, monkeypatch):
     attention on and, the context being long, the keys stay q8_0 (the values change layout).
     The first session's scores: those of a guard that ran q8_0 keys throughout (within 1e-3),
     before and after the switch; the second session's, those it gets alone with q8_0 keys."""
-    import edgeguard.engine as engine_module
-    import edgeguard.stream as stream_module
+    import edgeguard.engines.core as engine_module
+    import edgeguard.engines.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
     expected = _scores_by_kv_type(folder, ids)
@@ -367,8 +364,8 @@ def test_a_crowd_in_a_long_context_moves_to_q8_0_keys(folder, guard, monkeypatch
     (quantized and rotated on the way) when it grows past LONG_CTX. Each session's scores:
     before the move those it gets alone with f16 keys (within 1e-3); after it, its older keys
     were computed as f16 and quantized, so within what q8_0 keys cost (5e-3) of either guard."""
-    import edgeguard.engine as engine_module
-    import edgeguard.stream as stream_module
+    import edgeguard.engines.core as engine_module
+    import edgeguard.engines.stream as stream_module
 
     ids = guard.vocab.tokenize(RESPONSE * 3)
     expected = _scores_by_kv_type(folder, ids)

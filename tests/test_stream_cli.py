@@ -42,7 +42,7 @@ def test_stream_json_lines_contract(model):
 
 def test_stream_reads_response_from_stdin(model):
     result = CliRunner().invoke(main, ["stream", "--model", model, "--prompt", "hi", "--json", "--follow"],
-                                input="Hello there, friend.".encode())
+                                input=b"Hello there, friend.")
     assert result.exit_code in (0, 1), result.output
     lines = [json.loads(l) for l in result.stdout.splitlines()]
     assert "".join(l["text"] for l in lines[:-1]) == "Hello there, friend."

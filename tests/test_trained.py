@@ -10,15 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 import transformers
 
-from tests.fixtures.oracle import load_torch, next_token_logits, stream_logits  # noqa: E402
-from tests.fixtures.trained import (  # noqa: E402
-    GEN_EXAMPLES, STREAM_EXAMPLES, STREAM_PROMPT_CATEGORY, gen_target_text, gen_train_sample,
+from tests.fixtures.oracle import load_torch, next_token_logits, stream_logits
+from tests.fixtures.trained import (
+    GEN_EXAMPLES,
+    STREAM_EXAMPLES,
+    STREAM_PROMPT_CATEGORY,
+    gen_target_text,
+    gen_train_sample,
     stream_encode,
-    trained_gen_checkpoint, trained_stream_checkpoint)
+    trained_gen_checkpoint,
+    trained_stream_checkpoint,
+)
 
 LABELS = ["Safe", "Unsafe", "Controversial"]
 GEN_CATEGORIES = ["Violent", "Non-violent Illegal Acts", "Sexual Content or Sexual Acts", "PII",
@@ -58,8 +63,8 @@ def _readout(model, tok, ids, names):
 
 
 def test_trained_checkpoints_have_the_fixture_layout():
-    from tests.fixtures.trained import BASE_SHAPE
     from tests.fixtures.checkpoints import build_checkpoint
+    from tests.fixtures.trained import BASE_SHAPE
 
     for kind, ckpt in (("gen", trained_gen_checkpoint()), ("stream", trained_stream_checkpoint())):
         base = build_checkpoint(kind, **BASE_SHAPE, seed=7 if kind == "gen" else 8)
@@ -70,7 +75,7 @@ def test_trained_checkpoints_have_the_fixture_layout():
         with safe_open(str(ckpt / "model.safetensors"), "pt") as a, \
                 safe_open(str(base / "model.safetensors"), "pt") as b:
             assert sorted(a.keys()) == sorted(b.keys())
-            for k in a.keys():
+            for k in a:
                 ta, tb = a.get_tensor(k), b.get_tensor(k)
                 assert ta.dtype == torch.bfloat16 and ta.shape == tb.shape, k
 

@@ -1,0 +1,66 @@
+"""Rows of the Stream model's input-embedding table, read from its ``.npy`` file on demand.
+
+The table (vocabulary x hidden size; 151,936 x 1,024 for the 0.6B) is larger than the backbone's
+weights, and a response touches a few thousand scattered rows. A memory map would count every
+page the kernel reads ahead around each row in the process's RSS (a 7,000-token response grew a
+Stream engine's mapped pages by ~200 MB); positional reads (``os.pread``) of exactly the rows
+needed leave them in the page cache, which the kernel can drop, instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeguard.errors import ModelError
+
+
+class EmbeddingRows:
+    """The table's shape and dtype from its header; ``rows(ids)`` as float32 [len(ids), width].
+    Thread-safe (positional reads share no file offset)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, fortran, dtype = read_header(f)
+                self._offset = f.tell()
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read the embedding table {self.path.name}: {e}") from e
+        if len(shape) != 2 or fortran or dtype.hasobject:
+            raise ModelError(f"{self.path.name} is not a 2-D C-ordered numeric table (shape {list(shape)})")
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self._row_bytes = self.shape[1] * dtype.itemsize
+        expected = self._offset + self.shape[0] * self._row_bytes
+        if self.path.stat().st_size < expected:
+            raise ModelError(f"{self.path.name} is truncated: {self.path.stat().st_size} bytes, "
+                             f"its header says {expected}")
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """The rows of ``ids`` (already validated to lie in [0, shape[0])) as float32."""
+        if self._fd is None:
+            raise ModelError(f"the embedding table {self.path.name} is closed")
+        out = np.empty((len(ids), self.shape[1]), self.dtype)
+        for row, token in zip(out, ids):  # straight into the output row: no bytes object per row
+            if os.preadv(self._fd, [row], self._offset + int(token) * self._row_bytes) != self._row_bytes:
+                raise ModelError(f"short read from the embedding table {self.path.name}")
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,112 @@
+"""The Stream classification heads (ONNX) through onnxruntime.
+
+The only module of edgeguard that runs ``onnxruntime`` (imported through
+``edgeguard.runtime.native_order``, which refuses where the import would crash the process). The heads
+are four small matrix products per token, so the session runs single-threaded by default: on a
+2-core CPU one thread is the fastest for one token and as fast as two for a backlog of tokens,
+and it leaves the other core to llama.cpp.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeguard.errors import ModelError, RuntimeFailure, UsageError
+from edgeguard.models.formats import HEADS_INPUT as INPUT
+from edgeguard.models.formats import HEADS_OUTPUTS as OUTPUTS
+from edgeguard.runtime import native_order
+
+_ORT_LOG_ERROR = 3
+
+
+def onnxruntime_info() -> dict:
+    """The installed onnxruntime's version and execution providers, for ``edgeguard doctor``."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        return {"version": None, "error": str(e)}
+    return {"version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class Heads:
+    """One onnxruntime session over ``heads.onnx``; ``run`` maps hidden states to head logits.
+
+    Not thread-safe in the sense of edgeguard's other runtime objects: give each thread its own.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"heads file not found: {path}")
+        threads = 1 if threads is None else threads
+        if threads < 1:
+            raise UsageError(f"heads threads must be positive, got {threads}")
+        ort = native_order.onnxruntime()
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing or not providers:
+            raise ModelError(
+                f"onnxruntime provider {', '.join(missing) or '(none given)'} is not available "
+                f"here (available: {', '.join(available)})"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = _ORT_LOG_ERROR
+        if threads == 1:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options,
+                                                 providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"cannot load heads {path}: {_one_line(exc)}") from exc
+        inputs = self._session.get_inputs()
+        names = [o.name for o in self._session.get_outputs()]
+        if [i.name for i in inputs] != [INPUT] or sorted(names) != sorted(OUTPUTS):
+            raise ModelError(
+                f"{path} is not a Stream heads model (inputs {[i.name for i in inputs]}, "
+                f"outputs {names}; expected {INPUT} -> {', '.join(OUTPUTS)})"
+            )
+        width = inputs[0].shape[1]
+        self.hidden_size = width if isinstance(width, int) else None
+        self._names = names
+        self.path = path
+
+    def run(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        """Head logits for hidden states [n, hidden]: ``{output name: float32 [n, k]}``."""
+        if self._session is None:
+            raise RuntimeFailure("the heads session is closed")
+        data = np.ascontiguousarray(hidden, dtype=np.float32)
+        if data.ndim != 2 or (self.hidden_size is not None and data.shape[1] != self.hidden_size):
+            raise UsageError(f"hidden states must have shape [n, {self.hidden_size}], "
+                             f"got {list(data.shape)}")
+        try:
+            values = self._session.run(None, {INPUT: data})
+        except Exception as exc:
+            raise RuntimeFailure(f"onnxruntime failed on the heads: {_one_line(exc)}") from exc
+        return dict(zip(self._names, values))
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> Heads:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
