@@ -302,11 +302,21 @@ def _scores_by_kv_type(folder, ids) -> dict[str, list]:
     return out
 
 
+def _apart(expected) -> float:
+    """How far the q8_0-keys scores lie from the f16 ones over the whole text."""
+    return max(abs(a[k] - b[k]) for a, b in zip(*expected.values()) for k in a)
+
+
 def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
     """Past LONG_CTX with plain attention the engine decodes in ``long_batch`` pieces (a smaller
     score matrix) and, unless a KV type was asked for, moves to q8_0 keys (converted from the
-    f16 cache on the way). Scores: those of a guard that never grew and ran the same KV type
-    throughout (within 1e-3); q8_0 keys themselves cost under 5e-3 against f16 here."""
+    f16 cache on the way).
+
+    Scores with a KV type asked for: those of a guard that never grew (within 1e-5). With the
+    automatic move, the tokens fed before it attended over f16 keys, and the keys of those
+    positions were computed from them and rounded twice (f16, then q8_0): the session is a mix
+    of the two references, so its scores lie within the q8_0-vs-f16 difference (measured here,
+    under 5e-3) of the q8_0-keys reference, on every CPU kind."""
     import edgeguard.engines.core as engine_module
     import edgeguard.engines.stream as stream_module
 
@@ -326,9 +336,10 @@ def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
             assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
             assert g.kv_type == (asked or "q8_0-keys")
         assert len(got) == len(expected[g.kv_type])
+        bound = 1e-5 if asked else _apart(expected)
         for a, b in zip(got, expected[g.kv_type]):
-            assert max(abs(a[k] - b[k]) for k in a) < 1e-3
-    apart = max(abs(a[k] - b[k]) for a, b in zip(*expected.values()) for k in a)
+            assert max(abs(a[k] - b[k]) for k in a) <= bound
+    apart = _apart(expected)
     print(f"q8_0 keys vs f16: {apart:.2e}")
     assert apart < 5e-3
 
@@ -336,8 +347,9 @@ def test_long_context_decodes_in_small_batches(folder, guard, monkeypatch):
 def test_long_session_keeps_q8_0_keys_when_crowded(folder, guard, monkeypatch):
     """A long lone session runs q8_0 keys with plain attention; a second session turns flash
     attention on and, the context being long, the keys stay q8_0 (the values change layout).
-    The first session's scores: those of a guard that ran q8_0 keys throughout (within 1e-3),
-    before and after the switch; the second session's, those it gets alone with q8_0 keys."""
+    Both sessions' scores lie within the q8_0-vs-f16 difference of a guard that ran q8_0 keys
+    throughout: the first session's early tokens attended over f16 keys before the move to
+    q8_0 keys (see test_long_context_decodes_in_small_batches)."""
     import edgeguard.engines.core as engine_module
     import edgeguard.engines.stream as stream_module
 
@@ -355,8 +367,9 @@ def test_long_session_keeps_q8_0_keys_when_crowded(folder, guard, monkeypatch):
             got += [v.scores for v in first.feed(ids[30:])]
         first.close()
     assert len(got) == len(ids)
+    bound = _apart(expected)
     for scores, want in zip(got + other, expected["q8_0-keys"] + expected["q8_0-keys"][:3]):
-        assert max(abs(scores[k] - want[k]) for k in scores) < 1e-3
+        assert max(abs(scores[k] - want[k]) for k in scores) <= bound
 
 
 def test_a_crowd_in_a_long_context_moves_to_q8_0_keys(folder, guard, monkeypatch):
