@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgeguard.errors import IntegrityError, ModelError
 from edgeguard.models.formats import CHECKPOINT_FILES
-from edgeguard.models.registry import ModelSpec
+from edgeguard.models.registry import SHARD_INDEX, ModelSpec
 
 logger = logging.getLogger("edgeguard.models.hub")
 
@@ -81,13 +81,31 @@ def fetch_checkpoint(
     The cache is tried first; then, unless ``offline`` (default: ``HF_HUB_OFFLINE``), the Hub.
     Files with a digest in ``spec.sha256`` are verified every time (IntegrityError).
     """
-    folder = _fetch(
-        _Wanted(spec.repo, spec.revision, spec.files, spec.files,
-                what=f"model {spec.name!r}", retry=f"edgeguard pull {spec.name}"),
-        offline=offline, progress=progress, hf_cache=hf_cache,
-    )
+    wanted = _Wanted(spec.repo, spec.revision, spec.files, spec.files,
+                     what=f"model {spec.name!r}", retry=f"edgeguard pull {spec.name}")
+    folder = _fetch(wanted, offline=offline, progress=progress, hf_cache=hf_cache)
     verify_checkpoint(spec, folder)
+    if SHARD_INDEX in spec.files:  # then the shards it names, at the commit just resolved
+        shards = shard_names(folder / SHARD_INDEX, wanted.what)
+        wanted = _Wanted(spec.repo, folder.name, shards, shards, what=wanted.what, retry=wanted.retry)
+        folder = _fetch(wanted, offline=offline, progress=progress, hf_cache=hf_cache)
     return folder, folder.name
+
+
+def shard_names(index: Path, what: str) -> tuple[str, ...]:
+    """The weight files a model.safetensors.index.json names (plain file names only)."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = tuple(sorted(set(weight_map.values())))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelError(f"{what}: {index.name} is not a readable shard index ({error})") from None
+    bad = [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors")
+           or "/" in n or "\\" in n or n.startswith(".")]
+    if bad or not names:
+        raise ModelError(f"{what}: {index.name} names no usable .safetensors shards ({bad[:1] or 'none'})")
+    return names
 
 
 def download_repo(
@@ -150,9 +168,20 @@ def _fetch(wanted: _Wanted, *, offline: bool | None, progress: bool,
     if offline:
         raise ModelError(
             f"{wanted.what} ({wanted.repo} at {wanted.revision}) is not in the Hugging Face "
-            f"cache {cache} and offline mode is on; with network access, run: {wanted.retry}"
+            f"cache {cache} and offline mode is on. {_what_to_do(wanted)}"
         )
     return _download(wanted, cache, progress)
+
+
+def _first_line(error: BaseException) -> str:
+    """huggingface_hub's messages run over several lines of advice; a CLI line keeps the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _what_to_do(wanted: _Wanted) -> str:
+    return (f"With network access, run: {wanted.retry}; offline, pass --model FOLDER with a converted "
+            "model or a downloaded checkpoint")
 
 
 def _cached_snapshot(wanted: _Wanted, cache: Path) -> Path | None:
@@ -199,9 +228,11 @@ def _download(wanted: _Wanted, cache: Path, progress: bool) -> Path:
             f"{wanted.what}: repository {wanted.repo} not found or not accessible"
         ) from None
     except LocalEntryNotFoundError as error:
-        raise ModelError(f"{wanted.what}: cannot download {where}: {error}") from None
+        raise ModelError(f"{wanted.what}: cannot reach the Hugging Face Hub for {where} ({_first_line(error)}). "
+                         f"{_what_to_do(wanted)}") from None
     except (HfHubHTTPError, OSError) as error:
-        raise ModelError(f"{wanted.what}: download of {where} failed: {error}") from None
+        raise ModelError(f"{wanted.what}: download of {where} failed ({_first_line(error)}). "
+                         f"{_what_to_do(wanted)}") from None
     missing = wanted.missing(folder)
     if missing:
         raise ModelError(f"{wanted.what}: {where} has no {', '.join(missing)}")
