@@ -7,7 +7,6 @@ Results go to stdout; progress and messages to stderr.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from edgeguard.cli.exit_codes import exit_codes, handle_errors, is_debug, say
 from edgeguard.cli.serve import serve
 from edgeguard.errors import UsageError
 from edgeguard.kinds import ENGINES
+from edgeguard.platform import console
 
 log = logging.getLogger("edgeguard")
 
@@ -37,6 +37,7 @@ class _Group(click.Group):
 def main(debug: bool, verbose: bool) -> None:
     """Run the Qwen3Guard safety models on this machine."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="edgeguard: %(message)s")
+    console.tolerant_stdout()  # a Windows code page that lacks a character: escaped, not a crash
 
 
 @main.command()
@@ -63,7 +64,7 @@ def convert(src: str, out: Path, quant: str | None, name: str | None, revision: 
         name = name or src.split("/")[-1].lower()
     elif not src_path.exists():
         raise click.BadParameter(f"{src} is neither a folder nor a hub repo id", param_hint="SRC")
-    options = ConvertOptions(quants=quants, name=name, source=source, showsay=True)
+    options = ConvertOptions(quants=quants, name=name, source=source, show_progress=True)
     manifest = run_convert(src_path, out, options, progress=say)
     for fname, entry in manifest.files.items():
         click.echo(f"{out / fname}\t{entry['size']}\t{entry['sha256']}")
@@ -163,10 +164,10 @@ def check(text, response, engine, policy, as_json, generate, model, quant, offli
             if guard.engine != "gen":
                 raise UsageError("--generate needs a Gen model")
             generated = guard.generate(prompt, response)
-            click.echo(json.dumps({"text": generated}, ensure_ascii=False) if as_json else generated)
+            click.echo(console.json_text({"text": generated}) if as_json else generated)
             return
         verdict = guard.check(prompt, response) if response is not None else guard.check(prompt)
-    click.echo(json.dumps(verdict.to_dict(), ensure_ascii=False) if as_json else _summary(verdict))
+    click.echo(console.json_text(verdict.to_dict()) if as_json else _summary(verdict))
     sys.exit(1 if verdict.flagged else 0)
 
 
@@ -271,7 +272,7 @@ def models_cmd(as_json):
             "pulled": [{"quant": m.quant, "size": m.size, "path": str(m.folder)} for m in local],
         })
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(console.json_text(rows, indent=2))
         return
     for row in rows:
         pulled_text = ", ".join(f"{p['quant']} ({p['size'] / 1e6:.0f} MB)" for p in row["pulled"]) or "not pulled"
@@ -382,7 +383,7 @@ def doctor(device, as_json, no_self_test):
     from edgeguard.doctor import gather, render
 
     report = gather(device, self_test=not no_self_test)
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    click.echo(console.json_text(report, indent=2) if as_json else render(report))
     sys.exit(0 if report["healthy"] else 3)
 
 
