@@ -202,7 +202,7 @@ def test_unknown_model_is_openai_404(server):
     import openai
 
     with pytest.raises(openai.NotFoundError) as e:
-        openai_client(server).moderations.create(input="hi", model="omni-moderation-latest")
+        openai_client(server).moderations.create(input="hi", model="omni-moderation-unknown")
     assert e.value.code == "model_not_found"
 
 

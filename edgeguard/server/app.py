@@ -187,7 +187,7 @@ def with_policy(verdict, name: Any) -> dict:
 async def moderations(request: Request) -> Response:
     state = _state(request)
     data = await read_json(request, state.config.max_body)
-    guard = state.pick(data.get("model"))
+    guard = state.pick(moderation.model_alias(data.get("model")))
     if "input" not in data:
         raise HTTPError(400, "missing field 'input'", "missing_field")
     texts = moderation.parse_inputs(data["input"])

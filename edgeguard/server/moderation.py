@@ -35,6 +35,19 @@ OPENAI_CATEGORIES: dict[str, tuple[str, ...]] = {
 UNMAPPED = ("PII", "Politically Sensitive Topics", "Copyright Violation", "Jailbreak")
 
 
+# OpenAI's moderation model names, as clients and gateways send them (LiteLLM also with its
+# "openai/" provider prefix): each means this server's default moderation model.
+OPENAI_MODELS = ("omni-moderation-latest", "omni-moderation-2024-09-26", "text-moderation-latest",
+                 "text-moderation-stable")
+
+
+def model_alias(model: Any) -> Any:
+    """The model a moderation request names: None (the default model) for OpenAI's names."""
+    if isinstance(model, str) and model.removeprefix("openai/") in OPENAI_MODELS:
+        return None
+    return model
+
+
 class ImageInput(UsageError):
     """An image part in a moderation input: Qwen3Guard reads text only."""
 
