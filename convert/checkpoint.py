@@ -57,7 +57,10 @@ class Checkpoint:
 
     @property
     def has_lm_head(self) -> bool:
-        return "lm_head.weight" in self.tensors
+        """Whether the model projects to the vocabulary with its own lm_head: an untied Gen
+        model. With tie_word_embeddings the embedding is the projection (as in transformers),
+        and a stored lm_head copy is not written; Stream has no projection at all."""
+        return self.kind == "gen" and not self.hyper.tied
 
 
 def _int(config: dict, key: str, default=None) -> int:
@@ -180,6 +183,9 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     elif "lm_head.weight" in tensors or not hyper.tied:
         expected["lm_head.weight"] = (hyper.vocab, hyper.hidden)
 
+    if kind == "stream" and "lm_head.weight" in tensors:
+        # The guard model does not use an output projection; an untied backbone may keep one.
+        expected["lm_head.weight"] = (hyper.vocab, hyper.hidden)
     missing = [n for n in expected if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -103,7 +103,7 @@ def _tensor_plan(ckpt: Checkpoint, dummy_vocab: bool) -> list[tuple[str, str | N
             hf = f"model.layers.{i}.{sub}.weight"
             plan.append((gguf_tensor_name(hf), hf))
     plan.append(("output_norm.weight", "model.norm.weight"))
-    if ckpt.has_lm_head and ckpt.kind == "gen" and not dummy_vocab:
+    if ckpt.has_lm_head and not dummy_vocab:
         plan.append(("output.weight", "lm_head.weight"))
     return plan
 

@@ -85,12 +85,20 @@ def read_index(path: Path) -> dict[str, TensorRecord]:
 
 
 def read_checkpoint_tensors(folder: Path) -> dict[str, TensorRecord]:
-    """All tensors of a checkpoint folder: model.safetensors or a sharded index."""
+    """All tensors of a checkpoint folder: model.safetensors or a sharded index.
+
+    With an index, every tensor must be in the shard the index names for it, and in one shard
+    only: a mix of shards from two downloads is refused rather than converted.
+    """
     index = folder / "model.safetensors.index.json"
+    weight_map: dict[str, str] | None = None
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConversionError(f"{index.name}: malformed shard index") from e
         shards = sorted(set(weight_map.values()))
     else:
@@ -100,7 +108,17 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, TensorRecord]:
     records: dict[str, TensorRecord] = {}
     for shard in shards:
         shard_path = folder / shard
-        if not shard_path.exists():
+        if Path(shard).name != shard or not shard_path.is_file():
             raise ConversionError(f"{folder}: missing weights file {shard}")
-        records.update(read_index(shard_path))
+        for name, record in read_index(shard_path).items():
+            if name in records:
+                raise ConversionError(f"{shard}: tensor {name} is also in {records[name].file.name}")
+            if weight_map is not None and weight_map.get(name) != shard:
+                where = f"in {weight_map[name]}" if name in weight_map else "absent"
+                raise ConversionError(f"{shard}: holds tensor {name}, which {index.name} lists {where}")
+            records[name] = record
+    if weight_map is not None:
+        lost = [n for n in weight_map if n not in records]
+        if lost:
+            raise ConversionError(f"{index.name}: lists tensor {lost[0]}, which {weight_map[lost[0]]} lacks")
     return records

@@ -265,3 +265,53 @@ def test_download_repo_online(online):
     folder, commit = hub.download_repo(REPO, progress=False)
     assert commit == COMMIT
     assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+
+
+SHARDED = {
+    "config.json": FILES["config.json"],
+    "model.safetensors.index.json": json.dumps({"metadata": {"total_size": 5000}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}).encode(),
+    "model-00001-of-00002.safetensors": os.urandom(3000),
+    "model-00002-of-00002.safetensors": os.urandom(2000),
+    "tokenizer.json": FILES["tokenizer.json"],
+    "tokenizer_config.json": FILES["tokenizer_config.json"],
+}
+SHARDED_SPEC_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def test_offline_sharded_checkpoint_takes_its_shards_from_the_index(offline_cache):
+    _, snapshot = build_cache(offline_cache, SHARDED)
+    index_sha = {"model.safetensors.index.json": sha(SHARDED["model.safetensors.index.json"])}
+    folder, commit = hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES, sha256=index_sha), progress=False)
+    assert (folder, commit) == (snapshot, COMMIT)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (folder / name).read_bytes() == SHARDED[name]
+
+
+def test_offline_sharded_checkpoint_missing_a_shard_says_what_to_run(offline_cache):
+    _, snapshot = build_cache(offline_cache, SHARDED)
+    (snapshot / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelError) as info:
+        hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES), progress=False)
+    assert "edgeguard pull tiny" in str(info.value) and "offline" in str(info.value)
+
+
+@pytest.mark.parametrize("index", [b"{", b'{"weight_map": {"a": "../x.safetensors"}}', b'{"weight_map": {}}',
+                                   b'{"weight_map": {"a": "notes.txt"}}'])
+def test_unusable_shard_index(offline_cache, index):
+    build_cache(offline_cache, {**SHARDED, "model.safetensors.index.json": index})
+    with pytest.raises(ModelError, match="model.safetensors.index.json"):
+        hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES), progress=False)
+
+
+def test_download_of_a_sharded_checkpoint(online, monkeypatch):
+    monkeypatch.setattr(FakeHub, "files", SHARDED)
+    folder, commit = hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES, revision="main"), progress=False)
+    assert commit == COMMIT
+    assert sorted(p.name for p in folder.iterdir()) == sorted(SHARDED)
+    fetched = {path.rsplit("/", 1)[-1] for method, path in FakeHub.requests if method == "GET"}
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= fetched
+    # now cached: no request at all
+    FakeHub.requests = []
+    assert hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES), progress=False) == (folder, COMMIT)
+    assert FakeHub.requests == []

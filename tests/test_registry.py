@@ -180,3 +180,96 @@ def test_default_of_wrong_kind(tmp_path):
     models = load_registry([path])
     with pytest.raises(UsageError, match="unknown model 'stream-0.6b'|kind"):
         default_model("gen", {"gen-0.6b": models["stream-0.6b"]})
+
+
+# Public config.json facts of the backbones: hidden, layers, heads, kv_heads, head_dim, ffn, tied.
+FAMILY = {
+    "0.6b": (1024, 28, 16, 8, 128, 3072, True),
+    "4b": (2560, 36, 32, 8, 128, 9728, True),
+    "8b": (4096, 36, 32, 8, 128, 12288, False),
+}
+
+
+@pytest.mark.parametrize("kind", ["gen", "stream"])
+@pytest.mark.parametrize("size", sorted(FAMILY))
+def test_the_whole_family_is_registered(kind, size):
+    model = load_registry()[f"{kind}-{size}"]
+    variant = "Gen" if kind == "gen" else "Stream"
+    assert (model.kind, model.repo) == (kind, f"Qwen/Qwen3Guard-{variant}-{size.upper()}")
+    assert model.license == "Apache-2.0" and model.default_quant == "q4_k_m"
+    assert model.context_length == 8192 and model.description
+    assert model.pinned or model.revision == "main"
+    sharded = size != "0.6b"
+    assert ("model.safetensors.index.json" in model.files) == sharded
+    assert ("model.safetensors" in model.files) == (not sharded)
+    hidden, layers, heads, kv_heads, head_dim, ffn, tied = FAMILY[size]
+    shape = model.shape
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn, shape.tied) == (
+        hidden, layers, heads, kv_heads, head_dim, ffn, tied)
+    assert shape.vocab == 151936
+    assert (shape.guard_inner > 0) == (kind == "stream")
+
+
+def test_unpinned_entries_say_so_in_the_file():
+    text = (ROOT / "models.toml").read_text()
+    unpinned = [name for name, model in load_registry().items() if not model.pinned]
+    assert unpinned and "UNPINNED" in text
+    for name in unpinned:
+        start = text.index(f'["{name}"]\n')
+        entry = text[start:text.index('\n["', start)]
+        assert "UNPINNED" in entry, name
+
+
+def test_published_parameter_counts_follow_from_the_shapes():
+    models = load_registry()
+    billions = {name: models[name].shape.params(models[name].kind) / 1e9 for name in models}
+    assert 0.59 < billions["gen-0.6b"] < 0.61
+    assert 4.0 < billions["gen-4b"] < 4.05  # Qwen3-4B: 4.0B
+    assert 8.15 < billions["gen-8b"] < 8.25  # Qwen3-8B: 8.2B, with its own lm_head
+    assert billions["stream-8b"] < billions["gen-8b"]  # no lm_head in the guard model
+
+
+def test_footprint_grows_with_size_and_bits():
+    models = load_registry()
+    for kind in ("gen", "stream"):
+        small, mid, large = (models[f"{kind}-{s}"].footprint() for s in ("0.6b", "4b", "8b"))
+        assert small.disk_bytes < mid.disk_bytes < large.disk_bytes
+        assert small.ram_bytes < mid.ram_bytes < large.ram_bytes
+        q4, q8 = models[f"{kind}-4b"].footprint("q4_k_m"), models[f"{kind}-4b"].footprint("q8_0")
+        assert q4.disk_bytes < q8.disk_bytes
+
+
+def test_entry_without_shape_has_no_footprint():
+    assert spec().footprint() is None
+
+
+@pytest.mark.parametrize("shape, words", [
+    ({"hidden": 8}, "missing field"),
+    ({**dict.fromkeys(("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"), 4), "width": 2},
+     "unknown field 'width'"),
+    ({**dict.fromkeys(("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"), 4), "layers": 0},
+     "layers"),
+    ({**dict.fromkeys(("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"), 4), "tied": "yes"},
+     "tied"),
+    ("big", "shape"),
+])
+def test_shape_validation(shape, words):
+    with pytest.raises(UsageError, match=words):
+        spec(shape=shape)
+
+
+def test_stream_shape_needs_the_heads_width(tmp_path):
+    path = tmp_path / "user.toml"
+    path.write_text(USER + "[mine.shape]\nhidden = 8\nlayers = 1\nheads = 2\nkv_heads = 1\nhead_dim = 4\n"
+                    "ffn = 16\nvocab = 32\n")
+    with pytest.raises(UsageError, match=r"\[mine\] .*guard_inner"):
+        load_registry([path])
+    path.write_text(path.read_text() + "guard_inner = 4\n")
+    assert load_registry([path])["mine"].footprint().disk_bytes > 0
+
+
+def test_sharded_entry_needs_weights_or_index():
+    files = ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+    assert spec(files=files).files == tuple(files)
+    with pytest.raises(UsageError, match="index"):
+        spec(files=files[:1] + files[2:])

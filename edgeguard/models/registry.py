@@ -19,11 +19,13 @@ from types import MappingProxyType
 from edgeguard.errors import UsageError
 from edgeguard.models.formats import CHECKPOINT_FILES as REQUIRED_FILES
 from edgeguard.models.formats import QUANTS
+from edgeguard.models.sizing import DEFAULT_CTX, Footprint, ModelShape, footprint
 from edgeguard.tomlfile import read_toml
 
 KINDS = ("gen", "stream")
 DEFAULT_MODELS = {"gen": "gen-0.6b", "stream": "stream-0.6b"}
 ENV_MODELS = "EDGEGUARD_MODELS"
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> shard map
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -34,7 +36,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. ``revision`` should be a commit (see ``pinned``); ``files`` are
-    what a pull fetches; ``sha256`` maps some of them to their expected digests."""
+    what a pull fetches (with model.safetensors.index.json: also every shard it names);
+    ``sha256`` maps some of them to their expected digests; ``shape`` (optional) gives the
+    checkpoint's sizes, from which ``footprint`` computes disk and memory before a download."""
 
     name: str
     kind: str
@@ -46,6 +50,7 @@ class ModelSpec:
     license: str
     description: str = ""
     sha256: Mapping[str, str] = field(default_factory=dict)
+    shape: ModelShape | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -68,6 +73,7 @@ class ModelSpec:
                       "license", "must be a non-empty string")
         self._require(isinstance(self.description, str), "description", "must be a string")
         self._check_sha256()
+        self._check_shape()
 
     def _require(self, ok: bool, field_name: str, message: str) -> None:
         if not ok:
@@ -85,8 +91,8 @@ class ModelSpec:
         self._require(len(set(files)) == len(files), "files", "must not repeat a file")
         missing = [f for f in REQUIRED_FILES if f not in files]
         self._require(not missing, "files", f"must include {', '.join(missing)}")
-        self._require(any(f.endswith(".safetensors") for f in files),
-                      "files", "must include the .safetensors weights")
+        self._require(any(f.endswith(".safetensors") for f in files) or SHARD_INDEX in files,
+                      "files", f"must include the .safetensors weights or their {SHARD_INDEX}")
         object.__setattr__(self, "files", files)
 
     def _check_sha256(self) -> None:
@@ -100,6 +106,29 @@ class ModelSpec:
             digests[file] = digest.lower()
         object.__setattr__(self, "sha256", MappingProxyType(digests))
 
+    def _check_shape(self) -> None:
+        shape = self.shape
+        if shape is None or isinstance(shape, ModelShape):
+            pass
+        elif isinstance(shape, Mapping):
+            try:
+                shape = ModelShape.from_mapping(shape)
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"model {self.name!r}: {error}") from None
+        else:
+            self._require(False, "shape", "must be a table of sizes")
+        if shape is not None and self.kind == "stream":
+            self._require(shape.guard_inner > 0, "shape", "of a Stream model needs guard_inner")
+        object.__setattr__(self, "shape", shape)
+
+    def footprint(self, quant: str | None = None, ctx_tokens: int = DEFAULT_CTX) -> Footprint | None:
+        """Disk and memory at ``quant`` (default: ``default_quant``), computed from ``shape``;
+        None when the entry has no shape."""
+        if self.shape is None:
+            return None
+        return footprint(self.shape, self.kind, quant or self.default_quant, name=self.name,
+                         ctx_tokens=ctx_tokens)
+
     @property
     def pinned(self) -> bool:
         """Whether ``revision`` is an immutable commit rather than a branch or tag."""
@@ -107,7 +136,7 @@ class ModelSpec:
 
     def __reduce__(self):
         values = [getattr(self, f.name) for f in fields(self)]
-        values[-1] = dict(self.sha256)
+        values[-2] = dict(self.sha256)
         return (ModelSpec, tuple(values))
 
 
