@@ -5,13 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from edgeguard.errors import ConversionError, UsageError
 from edgeguard.models.formats import DEFAULT_QUANTS
 from edgeguard.models.formats import QUANT_FTYPES as QUANTS
+from edgeguard.platform import console
+from edgeguard.platform.paths import native_output_path
 
 
 def parse_quants(text: str | None) -> tuple[str, ...]:
@@ -44,8 +45,9 @@ def _tensor_progress(bar, verbose: bool):
             if bar.total != total:
                 bar.reset(total=total)
             bar.update(done - bar.n)
-        if verbose:
-            sys.stderr.write(text.decode("utf-8", "replace"))
+        stderr = console.stderr()
+        if verbose and stderr is not None:
+            stderr.write(text.decode("utf-8", "replace"))
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     try:
@@ -67,11 +69,13 @@ def quantize(src: Path, dst: Path, quant: str, *, threads: int | None = None, ve
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = threads or os.cpu_count() or 1
-    with progress.bar(total=None, desc=f"quantizing to {quant}", unit="tensor", enabled=show_progress) as bar:
+    # llama.cpp reads ``src`` as UTF-8 everywhere; it creates ``dst`` with the Windows code page there.
+    with progress.bar(total=None, desc=f"quantizing to {quant}", unit="tensor", enabled=show_progress) as bar, \
+            native_output_path(dst) as native_dst:
         if show_progress:
             with _tensor_progress(bar, verbose):
-                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), native_dst, ctypes.byref(params))
         else:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), native_dst, ctypes.byref(params))
     if rc != 0 or not dst.exists():
         raise ConversionError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc})")

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from edgeguard.platform.builds import gpu_build_advice, native_flags_advice
+from edgeguard.platform.selfpython import crash_name, self_test_python
 from edgeguard.runtime.heads import onnxruntime_info
-from edgeguard.runtime.kernels import ALLOW_AMX_ENV, CUDA_INSTALL
+from edgeguard.runtime.kernels import ALLOW_AMX_ENV
 
 SELFTEST_TIMEOUT_S = 300
 
@@ -45,15 +45,18 @@ def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None
     """``python -m edgeguard.selftest`` in a child process; a crash or hang becomes an error."""
     import json
 
+    python, why_none = self_test_python()
+    if python is None:
+        return ChildResult(False, {"skipped": True}, error=why_none)
     env = {**os.environ, **(env_extra or {})}
     try:
-        proc = subprocess.run([sys.executable, "-m", "edgeguard.selftest", str(folder), device],
+        proc = subprocess.run([python, "-m", "edgeguard.selftest", str(folder), device],
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return ChildResult(False, error=f"the self-test did not finish in {timeout:.0f} s")
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        return ChildResult(False, error=f"the self-test crashed with {name} inside llama.cpp")
+    crash = crash_name(proc.returncode)
+    if crash is not None:
+        return ChildResult(False, error=f"the self-test crashed with {crash} inside llama.cpp")
     lines = proc.stdout.strip().splitlines()
     try:
         detail = json.loads(lines[-1]) if lines else {}
@@ -103,13 +106,18 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
     report["attention"] = _attention(choice.device if choice else "cpu")
     if note := arm_note(info):
         notes.append(note)
+    if platform.system() == "Darwin" and report["gpu_offload"]:
+        notes.append("Metal is on (llama.cpp's default on macOS): --device gpu and auto run on this Mac's GPU")
     healthy = choice is not None
     if self_test and choice is not None:
         with tempfile.TemporaryDirectory(prefix="edgeguard-doctor-") as tmp:
             result = run_child(Path(tmp), device)
             report["self_test"] = result.to_dict()
-            healthy = healthy and result.ok
-            if not result.ok:
+            skipped = result.detail.get("skipped", False)
+            healthy = healthy and (result.ok or skipped)
+            if skipped:
+                notes.append(f"self-test skipped: {result.error}")
+            elif not result.ok:
                 notes.append(_advice(info.amx, choice.device))
             if info.amx and not amx_allowed() and result.ok:
                 probe = run_child(Path(tmp), "cpu", {ALLOW_AMX_ENV: "1"})
@@ -149,13 +157,12 @@ def _attention(device: str) -> dict:
 
 def _advice(amx: bool, device: str) -> str:
     if device == "gpu":
-        return ("the GPU path failed: try `--device cpu`, or rebuild the CUDA wheel: " + CUDA_INSTALL)
+        return "the GPU path failed: try `--device cpu`, or rebuild llama-cpp-python: " + gpu_build_advice()
     if amx:
         return ("the CPU path failed on an AMX machine: rebuild llama-cpp-python with GCC >= 13 or "
-                'without native flags: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall '
-                "--no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36")
+                "without native flags: " + native_flags_advice())
     return ("the CPU path failed: try `EDGEGUARD_THREADS=1`, or reinstall llama-cpp-python "
-            "without native flags (CMAKE_ARGS=\"-DGGML_NATIVE=OFF\")")
+            "without native flags: " + native_flags_advice())
 
 
 def _attention_line(att: dict) -> str:
@@ -192,7 +199,7 @@ def render(report: dict) -> str:
         st = report["self_test"]
         lines.append("self-test      " + (
             f"ok ({st.get('device')}, {st.get('kernels')}, {st.get('decode_ms')} ms)" if st["ok"]
-            else f"FAILED: {st.get('error')}"))
+            else f"skipped: {st.get('error')}" if st.get("skipped") else f"FAILED: {st.get('error')}"))
     lines += [f"note           {n}" for n in report["notes"]]
     lines.append("healthy" if report["healthy"] else "NOT healthy")
     return "\n".join(lines)

@@ -2,17 +2,21 @@
 
 On a terminal: a tqdm bar with rate and ETA. Elsewhere (a log file, a pipe, CI): one plain
 line every ``PLAIN_INTERVAL_S`` seconds and one at the end, since a bar redrawn with carriage
-returns turns a log into noise.
+returns turns a log into noise. Where there is no stderr (a windowed app), nothing is shown.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 
 from tqdm import tqdm
 
+from edgeguard.platform import console
+
 PLAIN_INTERVAL_S = 10.0
+_NOWHERE = io.StringIO()  # what a disabled bar is given instead of a missing stderr
 _PLAIN_FORMAT = ("edgeguard: {desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) "
                  "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
 _PLAIN_FORMAT_NO_TOTAL = "edgeguard: {desc}: {n_fmt} [{elapsed}, {rate_fmt}]{postfix}"
@@ -33,6 +37,8 @@ class Bar(tqdm):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("file", sys.stderr)
+        if kwargs["file"] is None:  # a windowed app: tqdm would write to None
+            kwargs["file"], kwargs["disable"] = _NOWHERE, True
         self._plain = not _is_terminal(kwargs["file"])
         if self._plain:
             kwargs.setdefault("mininterval", PLAIN_INTERVAL_S)
@@ -69,5 +75,7 @@ def bar(*, total: int | None, desc: str, unit: str, initial: int = 0, enabled: b
 
 
 def message(text: str) -> None:
-    """A line on stderr that does not break a bar being drawn there."""
-    Bar.write(f"edgeguard: {text}", file=sys.stderr)
+    """A line on stderr that does not break a bar being drawn there (none without a stderr)."""
+    stream = console.stderr()
+    if stream is not None:
+        Bar.write(f"edgeguard: {text}", file=stream)

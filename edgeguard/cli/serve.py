@@ -16,6 +16,7 @@ import click
 
 from edgeguard.cli.exit_codes import handle_errors, say
 from edgeguard.errors import UsageError
+from edgeguard.platform.net import own_port, stop_signals
 
 INSTALL_HINT = "pip install 'edgeguard[server]'"
 
@@ -35,7 +36,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        own_port(sock)  # SO_REUSEADDR; SO_EXCLUSIVEADDRUSE on Windows, where the first would share the port
         sock.bind(address)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
@@ -80,7 +81,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     /v1/stream, GET /health, /ready and /metrics.
 
     Binds 127.0.0.1 unless --host says otherwise; any other address needs an API key.
-    SIGTERM or Ctrl-C finish the requests in flight, then exit 0.
+    SIGTERM or Ctrl-C (Ctrl+Break on Windows) finish the requests in flight, then exit 0.
     """
     try:
         import uvicorn
@@ -111,9 +112,10 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=False,
                                                lifespan="on", timeout_graceful_shutdown=30,
                                                ws_max_size=max_body))
-        # uvicorn handles SIGTERM/SIGINT (drain, then shut down) and re-raises the signal after
-        # restoring the handlers it found: these make that last step a clean exit 0.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # uvicorn handles SIGTERM/SIGINT (and Ctrl+Break's SIGBREAK on Windows: drain, then shut
+        # down) and re-raises the signal after restoring the handlers it found: these make that
+        # last step a clean exit 0.
+        for sig in stop_signals():
             signal.signal(sig, lambda *_: None)
         server.run(sockets=[sock])
     finally:

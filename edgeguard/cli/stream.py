@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable
 from typing import TextIO
 
+from edgeguard.platform import console
 from edgeguard.verdict import StreamState, TokenVerdict
 
 
-def _line(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False)
+def _line(obj: dict, out: TextIO) -> str:
+    return console.json_text(obj, out)  # UTF-8, or ASCII escapes where ``out`` is not UTF-8
 
 
 def run_stream(guard, prompt: str, response_chunks: Iterable[str], *, as_json: bool, follow: bool,
@@ -30,7 +30,7 @@ def run_stream(guard, prompt: str, response_chunks: Iterable[str], *, as_json: b
     def emit(verdicts: list[TokenVerdict]) -> None:
         if as_json:
             for v in verdicts:
-                out.write(_line(v.to_dict()) + "\n")
+                out.write(_line(v.to_dict(), out) + "\n")
                 if follow:
                     out.flush()
         elif verdicts:
@@ -48,7 +48,7 @@ def run_stream(guard, prompt: str, response_chunks: Iterable[str], *, as_json: b
     if as_json:
         summary = {"event": "verdict", **state.to_dict(), "flagged": flagged,
                    "prompt": prompt_verdict.to_dict()}
-        out.write(_line(summary) + "\n")
+        out.write(_line(summary, out) + "\n")
     else:
         where = "" if state.flagged_at is None else f" at token {state.flagged_at}"
         category = f" ({state.category})" if state.category else ""

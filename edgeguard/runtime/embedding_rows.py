@@ -4,7 +4,8 @@ The table (vocabulary x hidden size; 151,936 x 1,024 for the 0.6B) is larger tha
 weights, and a response touches a few thousand scattered rows. A memory map would count every
 page the kernel reads ahead around each row in the process's RSS (a 7,000-token response grew a
 Stream engine's mapped pages by ~200 MB); positional reads (``os.pread``) of exactly the rows
-needed leave them in the page cache, which the kernel can drop, instead.
+needed leave them in the page cache, which the kernel can drop, instead (where there is no
+``pread``, Windows, a seek and a read under a lock: ``edgeguard.platform.files``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeguard.errors import ModelError
+from edgeguard.platform.files import PositionedReader
 
 
 class EmbeddingRows:
     """The table's shape and dtype from its header; ``rows(ids)`` as float32 [len(ids), width].
-    Thread-safe (positional reads share no file offset)."""
+    Thread-safe (positional reads share no file offset; without them, one lock)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -44,7 +46,7 @@ class EmbeddingRows:
         if self.path.stat().st_size < expected:
             raise ModelError(f"{self.path.name} is truncated: {self.path.stat().st_size} bytes, "
                              f"its header says {expected}")
-        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        self._reader: PositionedReader | None = PositionedReader(self.path)
 
     @property
     def ndim(self) -> int:
@@ -52,15 +54,15 @@ class EmbeddingRows:
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
         """The rows of ``ids`` (already validated to lie in [0, shape[0])) as float32."""
-        if self._fd is None:
+        if self._reader is None:
             raise ModelError(f"the embedding table {self.path.name} is closed")
         out = np.empty((len(ids), self.shape[1]), self.dtype)
-        for row, token in zip(out, ids):  # straight into the output row: no bytes object per row
-            if os.preadv(self._fd, [row], self._offset + int(token) * self._row_bytes) != self._row_bytes:
-                raise ModelError(f"short read from the embedding table {self.path.name}")
+        # straight into the output rows: no bytes object per row
+        if not self._reader.read_rows(out, [self._offset + int(token) * self._row_bytes for token in ids]):
+            raise ModelError(f"short read from the embedding table {self.path.name}")
         return out.astype(np.float32, copy=False)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

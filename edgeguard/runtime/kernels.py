@@ -21,10 +21,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from edgeguard.errors import RuntimeFailure, UsageError
+from edgeguard.platform.builds import CUDA_INSTALL as CUDA_INSTALL  # re-exported
+from edgeguard.platform.builds import gpu_build_advice
 
 DEVICES = ("auto", "cpu", "gpu")
-CUDA_INSTALL = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-                '--no-binary llama-cpp-python llama-cpp-python==0.3.36')
 ALLOW_AMX_ENV = "EDGEGUARD_ALLOW_AMX"
 # Weights that llama.cpp only ever multiplies (MUL_MAT): safe to store in a repacked layout.
 # token_embd is also read row by row (GET_ROWS), which a repacked layout would break.
@@ -187,8 +187,7 @@ def choose_device(requested: str, *, gpu_offload: bool, n_gpu_layers: int | None
         return DeviceChoice(0, "cpu", "asked for the CPU")
     if not gpu_offload:
         if requested == "gpu":
-            raise RuntimeFailure("this llama-cpp-python build has no GPU support; install a CUDA "
-                                 f"build with: {CUDA_INSTALL}")
+            raise RuntimeFailure(f"this llama-cpp-python build has no GPU support; {gpu_build_advice()}")
         return DeviceChoice(0, "cpu", "this llama.cpp build cannot offload to a GPU")
     layers = 999 if n_gpu_layers is None else n_gpu_layers
     return DeviceChoice(layers, "gpu" if layers else "cpu", "llama.cpp reports GPU offload support")

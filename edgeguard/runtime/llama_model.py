@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgeguard.errors import InputTooLong, ModelError, RuntimeFailure, UsageError
+from edgeguard.platform.memory import trim_heap
 from edgeguard.runtime import kernels, native_order
 from edgeguard.runtime.gguf_meta import check_metadata
 from edgeguard.runtime.kernels import KernelPlan, SystemInfo, TensorInfo, amx_allowed, plan_kernels
@@ -257,21 +258,11 @@ def load_model(path: str | os.PathLike[str], *, vocab_only: bool, n_gpu_layers: 
     return model, plan, buffers
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
-        return None
-
-
 def release_free_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere a no-op).
     Python's and numpy's temporaries leave the heap fragmented: 8 Stream sessions of 512 tokens
     kept ~19 MiB of free heap resident."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    trim_heap()
 
 
 class Vocab:

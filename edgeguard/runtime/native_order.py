@@ -30,11 +30,13 @@ from pathlib import Path
 from edgeguard.errors import RuntimeFailure
 
 CUDA_LIBRARY = "libggml-cuda"
+CUDA_LIBRARIES = (CUDA_LIBRARY, "ggml-cuda")  # Linux's .so, Windows' ggml-cuda.dll
 
 
 def cuda_llama_mapped(maps: str | None = None) -> bool:
     """True when llama.cpp's CUDA library is loaded in this process (``maps``: the text of
-    /proc/self/maps, read when not given; False where there is none)."""
+    /proc/self/maps, read when not given; False where there is none: macOS, which has no CUDA,
+    and Windows, where the clash was never seen)."""
     if maps is None:
         try:
             maps = Path("/proc/self/maps").read_text(errors="replace")
@@ -53,7 +55,7 @@ def llama_is_cuda_build() -> bool:
     if spec is None or not spec.origin:
         return False
     lib = Path(spec.origin).parent / "lib"
-    return lib.is_dir() and any(p.name.startswith(CUDA_LIBRARY) for p in lib.iterdir())
+    return lib.is_dir() and any(p.name.startswith(CUDA_LIBRARIES) for p in lib.iterdir())
 
 
 def load_onnxruntime_first() -> None:

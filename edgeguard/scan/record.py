@@ -4,8 +4,8 @@ Beside ``OUT.jsonl`` a scan keeps ``OUT.jsonl.scan.json``, rewritten atomically 
 output line: the sha256 and count of the input lines covered so far, the model (name, quant,
 sha256 of its GGUF), the policy and the engine. A resume recomputes the input's digest over
 the recorded lines and compares everything else, so a different input, model or policy is
-refused instead of being appended to the old results. An exclusive ``flock`` on the output
-refuses a second writer while the first one runs.
+refused instead of being appended to the old results. An exclusive lock on the output (``flock``;
+``msvcrt.locking`` on Windows) refuses a second writer while the first one runs.
 """
 
 from __future__ import annotations
@@ -16,21 +16,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from edgeguard.errors import UsageError
+from edgeguard.platform import locks
 
 log = logging.getLogger("edgeguard.scan.writer")
 
 RECORD_SUFFIX = ".scan.json"
 FORMAT = 1
-
-fcntl: ModuleType | None
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; a second writer is not detected there
-    fcntl = None
-
 
 def record_path(outfile: Path) -> Path:
     return outfile.with_name(outfile.name + RECORD_SUFFIX)
@@ -86,13 +79,13 @@ def input_digest(infile: Path, lines: int) -> tuple[str, int]:
 
 
 def lock_exclusively(fd: int, outfile: Path) -> None:
-    """Refuse a second concurrent writer of ``outfile``; a no-op where flock is missing."""
-    if fcntl is None:
-        log.debug("no flock on this platform: concurrent scans into %s are not detected", outfile)
-        return
+    """Refuse a second concurrent writer of ``outfile``; a no-op where the platform has no lock."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        how = locks.lock_exclusively(fd)
+    except locks.LockHeld:
         raise UsageError(f"another scan is writing {outfile} right now; wait for it or choose another --out") from None
     except OSError as e:  # e.g. a network file system without locks
         log.warning("cannot lock %s (%s): concurrent scans into it are not detected", outfile, e.strerror or e)
+        return
+    if how is None:
+        log.debug("no file locks on this platform: concurrent scans into %s are not detected", outfile)

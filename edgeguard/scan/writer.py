@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from edgeguard import progress as progress_ui
 from edgeguard.errors import UsageError
+from edgeguard.platform.files import open_binary
 from edgeguard.scan.record import (
     Record,
     differences,
@@ -192,11 +193,12 @@ def _is_stream(outfile: Path) -> bool:
 
 
 def _open_or_fail(outfile: Path, flags: int) -> BinaryIO:
+    """Binary mode on every platform: a Windows text-mode file would turn each "\n" into "\r\n"
+    and a resume would cut the output by the wrong length."""
     try:
-        fd = os.open(outfile, flags, 0o666)
+        return open_binary(outfile, flags)
     except OSError as e:
         raise UsageError(f"cannot open --out {outfile}: {e.strerror or e}") from None
-    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "wb")
 
 
 @dataclass(frozen=True)
