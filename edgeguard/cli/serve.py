@@ -71,14 +71,31 @@ def _access_log() -> None:
               help="Gen conversations decoded together (default: 4 on a CPU, the engine's max_batch, 8, on a GPU).")
 @click.option("--max-streams", type=click.IntRange(min=1), default=15, show_default=True,
               help="WebSocket streams open at once (more: refused with 503 / close 1013).")
+@click.option("--upstream", default=None, metavar="URL",
+              help="Guard this OpenAI-compatible LLM server (its base URL, e.g. http://127.0.0.1:11434/v1): "
+                   "serve its POST /v1/chat/completions and GET /v1/models, every token judged (docs/proxy.md).")
+@click.option("--upstream-key", envvar="EDGEGUARD_UPSTREAM_KEY", default=None,
+              help="API key for the upstream (also EDGEGUARD_UPSTREAM_KEY); never the client's key.")
+@click.option("--upstream-timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="Seconds to wait for the upstream to connect or send more (then 504, or an error chunk).")
+@click.option("--on-flag", type=click.Choice(["cut", "care"]), default="cut", show_default=True,
+              help="A flagged answer: cut the stream, or roll back and let the upstream continue (CARE).")
+@click.option("--care-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Flagged continuations before CARE cuts.")
+@click.option("--refusal-text", default=None, help="Text of a refused prompt or a cut answer ('' for none).")
+@click.option("--holdback", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Judged tokens held back beyond what the debounce needs (room for CARE).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per engine (default: all).")
 @click.option("--offline", is_flag=True, default=None, help="Never use the network.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (uvicorn, llama.cpp) to stderr.")
 @handle_errors
 def serve(model, stream_model, quant, host, port, device, policy, api_key, max_body, max_queue, max_batch,
-          max_streams, threads, offline, verbose):
+          max_streams, threads, offline, verbose, **upstream):
     """Serve the models over HTTP: OpenAI's POST /v1/moderations, POST /v1/check, WebSocket
     /v1/stream, GET /health, /ready and /metrics.
+
+    With --upstream URL, also POST /v1/chat/completions and GET /v1/models in front of that
+    OpenAI-compatible LLM server, every token of its answers judged (docs/proxy.md).
 
     Binds 127.0.0.1 unless --host says otherwise; any other address needs an API key.
     SIGTERM or Ctrl-C (Ctrl+Break on Windows) finish the requests in flight, then exit 0.
@@ -96,6 +113,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     if not is_loopback(host) and not api_key:
         raise UsageError(f"refusing to listen on {host} without an API key: give --api-key or set "
                          "EDGEGUARD_API_KEY (or bind 127.0.0.1)")
+    proxy = _proxy_config(**upstream)
     if verbose:
         logging.getLogger("edgeguard").setLevel(logging.DEBUG)
     _access_log()
@@ -104,7 +122,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     try:
         guards = _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams)
         config = ServerConfig(api_key=api_key, max_body=max_body, max_queue=max_queue, max_batch=max_batch)
-        app = create_app(guards.get("gen"), guards.get("stream"), config)
+        app = create_app(guards.get("gen"), guards.get("stream"), config, proxy=proxy)
         sock.listen(128)
         shown = f"[{host}]" if ":" in host else host
         names = ", ".join(f"{kind}: {g.name}" for kind, g in guards.items())
@@ -123,6 +141,21 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         for guard in guards.values():
             guard.close()
     click.echo("edgeguard: stopped", err=True)
+
+
+def _proxy_config(upstream, upstream_key, upstream_timeout, on_flag, care_retries, refusal_text, holdback):
+    if upstream is None:
+        given = [name for name, value in (("--upstream-key", upstream_key), ("--refusal-text", refusal_text))
+                 if value is not None]
+        if given or on_flag != "cut" or holdback:
+            raise UsageError(f"{', '.join(given) or '--on-flag/--holdback'} needs --upstream")
+        return None
+    from edgeguard.server.proxy import ProxyConfig
+    from edgeguard.server.proxy.config import DEFAULT_REFUSAL
+
+    return ProxyConfig(upstream=upstream, upstream_key=upstream_key, upstream_timeout=upstream_timeout,
+                       on_flag=on_flag, care_retries=care_retries, holdback=holdback,
+                       refusal_text=DEFAULT_REFUSAL if refusal_text is None else refusal_text)
 
 
 def _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams) -> dict:

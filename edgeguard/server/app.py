@@ -28,13 +28,16 @@ from edgeguard.errors import UsageError
 from edgeguard.policy import BUILTIN, decide
 from edgeguard.server import moderation
 from edgeguard.server.errors import HTTPError, ServerConfig, check_text, http_error
+from edgeguard.server.proxy import ProxyConfig
+from edgeguard.server.proxy.chat import Proxy
 from edgeguard.server.websocket import stream_endpoint
 from edgeguard.server.workers import GenWorker, StreamWorker
 
 log = logging.getLogger("edgeguard.server")
 access_log = logging.getLogger("edgeguard.access")
 
-ENDPOINTS = ("/v1/moderations", "/v1/check", "/v1/stream", "/v1/models", "/health", "/ready", "/metrics")
+ENDPOINTS = ("/v1/moderations", "/v1/check", "/v1/stream", "/v1/models", "/health", "/ready", "/metrics",
+             "/v1/chat/completions")
 OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key: they tell nothing
 
 
@@ -251,23 +254,31 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 # -- the app ------------------------------------------------------------------------------
-def create_app(gen=None, stream=None, config: ServerConfig = ServerConfig()) -> Starlette:
+def create_app(gen=None, stream=None, config: ServerConfig = ServerConfig(),
+               proxy: ProxyConfig | None = None) -> Starlette:
     """The ASGI app over loaded guards (either may be None, not both). The caller owns the
     guards: the app starts their workers on startup and stops them (after running what is
-    queued) on shutdown, but never closes the guards."""
+    queued) on shutdown, but never closes the guards. With ``proxy``, the app also guards an
+    upstream LLM server's chat completions (``edgeguard.server.proxy``)."""
     if gen is None and stream is None:
         raise UsageError("the server needs a Gen model, a Stream model or both")
     state = State(gen, stream, config)
+    chat_proxy = Proxy(proxy, state, read_json) if proxy is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
         state.start()
+        if chat_proxy is not None:
+            await chat_proxy.start()
         try:
             yield
         finally:
+            if chat_proxy is not None:
+                await chat_proxy.stop()
             await asyncio.to_thread(state.stop)
 
     routes = [
+        *(chat_proxy.routes() if chat_proxy is not None else []),  # its /v1/models lists the upstream's
         Route("/v1/moderations", _endpoint(moderations), methods=["POST"]),
         Route("/v1/check", _endpoint(check), methods=["POST"]),
         Route("/v1/models", _endpoint(models), methods=["GET"]),

@@ -1,0 +1,11 @@
+"""`edgeguard serve --upstream URL`: an OpenAI-compatible chat proxy that judges every token.
+
+``config`` (the options), ``conversation`` (an OpenAI chat request as a guard conversation),
+``sse`` (server-sent events in and out), ``upstream`` (the httpx client to the LLM server),
+``release`` (which judged text may reach the client), ``care`` (the continuation request after
+a flag), ``chat`` (the endpoints and what the client sees).
+"""
+
+from edgeguard.server.proxy.config import ProxyConfig
+
+__all__ = ["ProxyConfig"]
