@@ -85,12 +85,16 @@ def _access_log() -> None:
 @click.option("--refusal-text", default=None, help="Text of a refused prompt or a cut answer ('' for none).")
 @click.option("--holdback", type=click.IntRange(min=0), default=0, show_default=True,
               help="Judged tokens held back beyond what the debounce needs (room for CARE).")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds a request's body may take to arrive (more: 408).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="Seconds a WebSocket stream may wait for its client's next frame (more: closed).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per engine (default: all).")
 @click.option("--offline", is_flag=True, default=None, help="Never use the network.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (uvicorn, llama.cpp) to stderr.")
 @handle_errors
 def serve(model, stream_model, quant, host, port, device, policy, api_key, max_body, max_queue, max_batch,
-          max_streams, threads, offline, verbose, **upstream):
+          max_streams, request_timeout, idle_timeout, threads, offline, verbose, **upstream):
     """Serve the models over HTTP: OpenAI's POST /v1/moderations, POST /v1/check, WebSocket
     /v1/stream, GET /health, /ready and /metrics.
 
@@ -121,7 +125,8 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
     guards = {}
     try:
         guards = _load_models(model, stream_model, quant, policy, offline, threads, device, verbose, max_streams)
-        config = ServerConfig(api_key=api_key, max_body=max_body, max_queue=max_queue, max_batch=max_batch)
+        config = ServerConfig(api_key=api_key, max_body=max_body, max_queue=max_queue, max_batch=max_batch,
+                              request_timeout=request_timeout, idle_timeout=idle_timeout)
         app = create_app(guards.get("gen"), guards.get("stream"), config, proxy=proxy)
         sock.listen(128)
         shown = f"[{host}]" if ":" in host else host

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeguard.engines import inputs as arguments
 from edgeguard.engines.core import Defaults, Engine, EngineOptions, EngineStats
 from edgeguard.engines.scoring import common_prefix, softmax
 from edgeguard.engines.template import ChatTemplate, Message, as_messages, tokenize_pieces
@@ -114,6 +115,7 @@ class GenGuard(EngineStats):
 
     def tokens(self, prompt: str | Sequence, response: str | None = None) -> list[int]:
         """The token ids of a conversation's rendering (what ``check`` feeds before "Safety:")."""
+        arguments.conversation(prompt, response)
         return self._tokens(as_messages(prompt, response))
 
     def _tokens(self, messages: Sequence[Message]) -> list[int]:
@@ -261,6 +263,7 @@ class GenGuard(EngineStats):
 
     def _item(self, prompt, response=None) -> _Item:
         t0 = time.perf_counter()
+        arguments.conversation(prompt, response)
         messages = as_messages(prompt, response)
         mode = "response" if messages[-1].role == "assistant" else "prompt"
         return _Item(mode, self._tokens(messages), t0=t0)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeguard.engines import inputs as arguments
 from edgeguard.engines.core import Defaults, Engine, EngineOptions, EngineStats
 from edgeguard.engines.debounce import Debouncer
 from edgeguard.engines.retokenize import Retokenizer, hard_pair
@@ -129,6 +130,7 @@ class StreamGuard(EngineStats):
     # -- tokens ------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str | Sequence) -> tuple[list[int], int]:
         """Tokens up to the start of the response, and the index of the last user turn's end."""
+        arguments.conversation(prompt)
         messages = as_messages(prompt)
         if messages[-1].role != "user":
             raise UsageError("a Stream prompt must end with a user message")
@@ -147,7 +149,7 @@ class StreamGuard(EngineStats):
 
     def response_tokens(self, text: str) -> list[int]:
         """The Qwen3 token ids of a response text (special-token parsing off)."""
-        return self.vocab.tokenize(text)
+        return self.vocab.tokenize(arguments.text(text, "response"))
 
     def _rows(self, ids: Sequence[int]) -> np.ndarray:
         return self._table.rows(ids)
@@ -292,7 +294,8 @@ class StreamGuard(EngineStats):
                 feeds = {}
                 for s, (_, response) in zip(sessions, chunk):
                     if response is not None:
-                        feeds[s] = self.response_tokens(response) if isinstance(response, str) else response
+                        feeds[s] = self.response_tokens(response) if isinstance(response, str) else \
+                            arguments.token_ids(response, self.vocab.n_vocab)
                 if feeds:
                     self.feed_many(feeds)
                 return [v if response is None else s._response_verdict(v)
@@ -416,7 +419,7 @@ class StreamSession:
 
     def feed(self, token_ids: Iterable[int]) -> list[TokenVerdict]:
         """Score the next response tokens (Qwen3 ids), all of them in one forward pass."""
-        return self._live().feed_many({self: token_ids})[self]
+        return self._live().feed_many({self: arguments.token_ids(token_ids, self._live().vocab.n_vocab)})[self]
 
     def feed_text(self, chunk: str | bytes) -> list[TokenVerdict]:
         """Score text: its Qwen3 tokens are fed once no later text can change them, so the
@@ -425,7 +428,7 @@ class StreamSession:
         guard = self._live()
         if self._retokenizer is None:
             self._retokenizer = Retokenizer(guard.vocab.tokenize, atomic=guard._atomic_texts())
-        return self.feed(self._retokenizer.push(chunk))
+        return self.feed(self._retokenizer.push(arguments.chunk(chunk)))
 
     def finish(self) -> list[TokenVerdict]:
         """Score the text still pending in ``feed_text`` (call it when the response has ended)."""

@@ -27,10 +27,11 @@ from starlette.routing import Route, WebSocketRoute
 from edgeguard.errors import UsageError
 from edgeguard.policy import BUILTIN, decide
 from edgeguard.server import moderation
-from edgeguard.server.errors import HTTPError, ServerConfig, check_text, http_error
+from edgeguard.server.clients import ClientWatch
+from edgeguard.server.errors import OUTCOME, HTTPError, ServerConfig, check_conversation, check_text, http_error
 from edgeguard.server.proxy import ProxyConfig
 from edgeguard.server.proxy.chat import Proxy
-from edgeguard.server.websocket import stream_endpoint
+from edgeguard.server.websocket import offered_key, stream_endpoint
 from edgeguard.server.workers import GenWorker, StreamWorker
 
 log = logging.getLogger("edgeguard.server")
@@ -56,6 +57,8 @@ class Metrics:
         self.queue = Gauge("edgeguard_queue_depth", "Conversations waiting or running, per engine",
                            ["engine"], registry=self.registry)
         self.streams = Gauge("edgeguard_streams_live", "Open WebSocket streams", registry=self.registry)
+        self.cancelled = Counter("edgeguard_items_cancelled", "Conversations and stream frames dropped unjudged "
+                                 "because their client left", ["engine"], registry=self.registry)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -87,11 +90,13 @@ class State:
         cfg = self.config
         if self.gen is not None:
             batch = cfg.max_batch or default_batch(self.gen)
-            self.gen_worker = GenWorker(self.gen, max_queue=cfg.max_queue, max_batch=batch)
+            self.gen_worker = GenWorker(self.gen, max_queue=cfg.max_queue, max_batch=batch,
+                                        on_cancel=self.metrics.cancelled.labels("gen").inc)
             self.metrics.queue.labels("gen").set_function(lambda: self.gen_worker.depth)
         if self.stream is not None:
             self.stream_worker = StreamWorker(self.stream, max_queue=cfg.max_queue,
-                                              on_tokens=self.metrics.tokens.inc)
+                                              on_tokens=self.metrics.tokens.inc,
+                                              on_cancel=self.metrics.cancelled.labels("stream").inc)
             self.metrics.queue.labels("stream").set_function(lambda: self.stream_worker.depth)
         self.metrics.streams.set_function(lambda: self.live_streams)
         self.ready = True
@@ -157,17 +162,12 @@ def conversation(data: Mapping) -> tuple:
         if "prompt" in data or "response" in data:
             raise HTTPError(400, "give either 'messages' or 'prompt' (+ 'response'), not both", "invalid_input")
         messages = data["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise HTTPError(400, "'messages' must be a list of {\"role\", \"content\"} objects", "invalid_input")
         check_text(messages, "messages")
         return (messages,)
     if "prompt" not in data:
         raise HTTPError(400, "missing field 'prompt' (or 'messages')", "missing_field")
     prompt, response = data["prompt"], data.get("response")
-    if not isinstance(prompt, str) or not (response is None or isinstance(response, str)):
-        raise HTTPError(400, "'prompt' and 'response' must be strings", "invalid_input")
-    check_text(prompt, "prompt")
-    check_text(response, "response")
+    check_conversation(prompt, response)  # as check(prompt, response) in Python: the same messages
     return (prompt,) if response is None else (prompt, response)
 
 
@@ -290,6 +290,7 @@ def create_app(gen=None, stream=None, config: ServerConfig = ServerConfig(),
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: _not_found, 405: _not_allowed, 500: _server_error})
     app.state.edgeguard = state
+    app.add_middleware(ClientWatch, config=config)  # inside _Guarded: it sees the 499s ClientWatch marks
     app.add_middleware(_Guarded, state=state)
     return app
 
@@ -326,6 +327,7 @@ class _Guarded:
         finally:
             ms = (time.perf_counter() - t0) * 1e3
             method = scope.get("method", "WS")
+            status["code"] = scope.get(OUTCOME, status["code"])  # 499: the client left; 408: an idle stream
             self.state.metrics.observe(endpoint, status["code"], ms / 1e3)
             access_log.info("%s %s %d %.1f ms", method, path, status["code"], ms)
 
@@ -339,7 +341,10 @@ class _Guarded:
                 given = value
         scheme, _, token = given.partition(b" ")
         # hmac.compare_digest: the time taken does not reveal how much of a guess was right.
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+        by_header = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+        # Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol.
+        offered = offered_key(scope) if scope["type"] == "websocket" else None
+        return by_header or (offered is not None and hmac.compare_digest(offered, key.encode()))
 
     async def _refuse(self, scope, receive, send):
         error = HTTPError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "invalid_api_key",

@@ -9,8 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
+from edgeguard.engines import inputs
 from edgeguard.errors import EdgeguardError, InputTooLong, UsageError
 from edgeguard.server.workers import QueueFull
 
@@ -24,6 +26,16 @@ class ServerConfig:
     max_queue: int = 64  # conversations waiting per engine; more is 503 with Retry-After
     max_batch: int | None = None  # Gen conversations per decode (default: the guard's max_batch)
     retry_after: int = 1  # seconds, in a 503's Retry-After
+    request_timeout: float = 30.0  # seconds for a request's headers and body to arrive; then 408
+    idle_timeout: float = 120.0  # seconds a WebSocket stream may wait for its client's next frame
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": in logs and metrics, never a 500
+OUTCOME = "edgeguard.outcome"  # scope key: the status to log when no response tells it (499, 408)
+
+
+class RequestTimeout(Exception):
+    """A request's body did not arrive within ``request_timeout`` seconds (408)."""
 
 
 class HTTPError(Exception):
@@ -44,6 +56,10 @@ def http_error(error: BaseException, config: ServerConfig) -> HTTPError:
     """The HTTP answer for anything an engine or a handler raised."""
     if isinstance(error, HTTPError):
         return error
+    if isinstance(error, ClientDisconnect):
+        return HTTPError(CLIENT_GONE, "the client closed the connection", "client_closed_request")
+    if isinstance(error, RequestTimeout):
+        return HTTPError(408, str(error), "request_timeout", headers={"Connection": "close"})
     if isinstance(error, QueueFull):
         return HTTPError(503, f"the server is busy ({error}); retry later", "queue_full", "server_error",
                          {"Retry-After": str(config.retry_after)})
@@ -58,15 +74,19 @@ def http_error(error: BaseException, config: ServerConfig) -> HTTPError:
 
 
 def check_text(value: Any, what: str) -> None:
-    """Texts the engines take, as the CLI takes them: valid Unicode (JSON's escapes can carry
-    lone surrogates) and no NUL."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise HTTPError(400, f"{what} contains NUL characters", "invalid_input")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise HTTPError(400, f"{what} is not valid Unicode (a lone surrogate at {e.start})", "invalid_input") from e
+    """Texts the engines take, checked by the Python API's own rules (``edgeguard.engines.inputs``:
+    the same checks, the same messages): ``messages`` is a list of ``{"role", "content"}``
+    objects; anything else a string or a list of strings (``input``), or None where optional;
+    every text valid Unicode (JSON's escapes can carry lone surrogates) without NUL."""
+    if what == "messages":
+        inputs.messages(value, what)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            check_text(item.get("content") if isinstance(item, dict) else item, f"{what}[{i}]")
+            inputs.text(item, f"{what}[{i}]")
+    elif value is not None:
+        inputs.text(value, what)
+
+
+def check_conversation(prompt: Any, response: Any) -> None:
+    """A ``prompt`` (+ ``response``) as ``check(prompt, response)`` takes them."""
+    inputs.conversation(prompt, response)

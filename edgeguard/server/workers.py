@@ -4,13 +4,16 @@ Requests become jobs on the worker's queue; the worker takes everything pending 
 and runs it in as few decodes as the engine allows: Gen checks go through ``check_many`` (up to
 ``max_batch`` conversations in one decode), the new tokens of all live streams through one
 ``StreamGuard.feed_many``. Results come back to the event loop as futures. A job that fails
-fails alone: a batch that raises is rerun job by job, so one bad request never poisons another.
+fails alone: a batch that raises is rerun job by job, so one bad request never poisons another,
+and a stream's frames that arrive together are judged as if they had come one by one. A job
+whose client has left (its future cancelled) is skipped, and a long one stops between decodes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import logging
 import threading
 import time
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeguard.engines import inputs
 from edgeguard.engines.retokenize import Retokenizer
 from edgeguard.errors import UsageError
 
@@ -39,33 +43,45 @@ class Job:
     ids: list | None = None
     final: bool = False
     n: int = 0
+    # Called on the event loop with the result when nobody waits for it any more (an opened
+    # stream whose client left must still be closed).
+    orphaned: Callable[[Any], None] | None = None
 
     @property
     def size(self) -> int:
         return max(1, len(self.items))
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the client left (its handler cancelled the wait). Read from the worker thread:
+        a stale answer only runs or skips one job a step late."""
+        return self.future.cancelled()
+
     def resolve(self, value: Any) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, value, None)
+        self.loop.call_soon_threadsafe(_settle, self, value, None)
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+        self.loop.call_soon_threadsafe(_settle, self, None, error)
 
 
-def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
-    if future.done():  # the client went away and its handler cancelled the wait
+def _settle(job: Job, value: Any, error: BaseException | None) -> None:
+    if job.future.done():  # the client went away and its handler cancelled the wait
+        if error is None and job.orphaned is not None:
+            job.orphaned(value)
         return
     if error is not None:
-        future.set_exception(error)
+        job.future.set_exception(error)
     else:
-        future.set_result(value)
+        job.future.set_result(value)
 
 
 class _Worker:
     """A thread that runs the jobs of one guard; subclasses say how a step runs."""
 
-    def __init__(self, guard, *, max_queue: int):
+    def __init__(self, guard, *, max_queue: int, on_cancel: Callable[[int], None] = lambda n: None):
         self.guard = guard
         self.max_queue = max_queue
+        self._on_cancel = on_cancel  # told how many items were dropped because their client left
         self._jobs: collections.deque[Job] = collections.deque()
         self._waiting = 0  # items queued, not yet taken by the worker
         self._busy = 0  # items the worker is running now
@@ -104,14 +120,28 @@ class _Worker:
                 taken = sum(j.size for j in jobs)
                 self._waiting -= taken
                 self._busy = taken
+            jobs = self._live(jobs)
             try:
-                self._step(jobs)
+                if jobs:
+                    self._step(jobs)
             except BaseException as e:  # a bug in a step: every job of it learns, the worker lives
                 log.exception("worker step failed")
                 for job in jobs:
                     job.fail(e)
             finally:
                 self._busy = 0
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose client still waits; a close always runs (it frees a session)."""
+        live, dropped = [], 0
+        for job in jobs:
+            if job.cancelled and job.kind != "close":
+                dropped += job.size
+            else:
+                live.append(job)
+        if dropped:
+            self._on_cancel(dropped)
+        return live
 
     def _gather(self) -> None:
         """Called with the lock held and a job queued: may wait a little for more to batch."""
@@ -135,9 +165,9 @@ class _Worker:
 class GenWorker(_Worker):
     """Batches concurrent checks: each step decodes up to ``max_batch`` conversations."""
 
-    def __init__(self, guard, *, max_queue: int, max_batch: int):
+    def __init__(self, guard, *, max_queue: int, max_batch: int, on_cancel: Callable[[int], None] = lambda n: None):
         self.max_batch = max_batch
-        super().__init__(guard, max_queue=max_queue)
+        super().__init__(guard, max_queue=max_queue, on_cancel=on_cancel)
 
     def _take(self) -> list[Job]:
         jobs = [self._jobs.popleft()]
@@ -148,20 +178,36 @@ class GenWorker(_Worker):
         return jobs
 
     def _step(self, jobs: list[Job]) -> None:
+        if len(jobs) == 1:
+            self._run_alone(jobs[0])
+            return
+        # Several jobs are taken together only when all their items fit one decode.
         items = [args for job in jobs for args in job.items]
         try:
-            verdicts = list(self.guard.check_many(items, batch_size=min(len(items), self.max_batch)))
-        except Exception as e:
-            if len(jobs) == 1:
-                jobs[0].fail(e)
-                return
+            verdicts = list(self.guard.check_many(items, batch_size=len(items)))
+        except Exception:
             for job in jobs:  # find the job that failed; the others still get their verdicts
-                self._step([job])
+                self._run_alone(job)
             return
         at = 0
         for job in jobs:
             job.resolve(verdicts[at: at + len(job.items)])
             at += len(job.items)
+
+    def _run_alone(self, job: Job) -> None:
+        """One job, ``max_batch`` items a decode; it stops between decodes once its client left."""
+        verdicts: list = []
+        try:
+            for at in range(0, len(job.items), self.max_batch):
+                if job.cancelled:
+                    self._on_cancel(len(job.items) - at)
+                    return
+                chunk = job.items[at: at + self.max_batch]
+                verdicts += self.guard.check_many(chunk, batch_size=len(chunk))
+        except Exception as e:
+            job.fail(e)
+            return
+        job.resolve(verdicts)
 
 
 class LiveStream:
@@ -172,16 +218,24 @@ class LiveStream:
         self.retokenizer = retokenizer
         self.mode: str | None = None  # "text" or "tokens": a stream takes one of them
 
+    def save(self) -> tuple:
+        """What ``ids_for`` changes, to put back when the frame's feed fails. The server pushes
+        str chunks only, so the retokenizer's UTF-8 decoder never holds bytes and a shallow copy
+        (its pending text) is all of its state."""
+        return self.mode, copy.copy(self.retokenizer)
+
+    def restore(self, saved: tuple) -> None:
+        self.mode, self.retokenizer = saved
+
     def ids_for(self, job: Job, n_vocab: int) -> list[int]:
         """The token ids a feed job brings (text goes through the retokenizer); checked before
         anything changes, so a bad frame leaves the stream as it was."""
         mode = "text" if job.text is not None else "tokens" if job.ids is not None else self.mode
         if mode is not None and self.mode not in (None, mode):
             raise UsageError(f"this stream takes {self.mode}; send either text or tokens, not both")
-        for value in job.ids or ():
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_vocab:
-                raise UsageError(f"token ids must be integers in [0, {n_vocab}), got {value!r}")
-        ids = self.retokenizer.push(job.text) if job.text is not None else list(job.ids or ())
+        ids = inputs.token_ids(job.ids, n_vocab) if job.ids is not None else []
+        if job.text is not None:
+            ids = self.retokenizer.push(inputs.chunk(job.text))
         if job.final:
             ids += self.retokenizer.finish()
         self.mode = mode
@@ -195,13 +249,22 @@ class LiveStream:
                 "prompt": session.prompt_verdict, "tokens": len(session.tokens)}
 
 
+@dataclass
+class _Feeds:
+    """One stream's feed frames of a round: the state before the first, each frame's ids."""
+
+    saved: tuple
+    frames: list[tuple[Job, list[int]]] = field(default_factory=list)
+
+
 class StreamWorker(_Worker):
     """Runs every live stream of one Stream model: per step, the new tokens of all streams go
     through one ``feed_many`` decode; opens, rollbacks and closes run between, in each stream's
     own order."""
 
     def __init__(self, guard, *, max_queue: int, on_tokens: Callable[[int], None] = lambda n: None,
-                 linger: tuple[float, float, float] = (0.25, 0.002, 0.05)):
+                 linger: tuple[float, float, float] = (0.25, 0.002, 0.05),
+                 on_cancel: Callable[[int], None] = lambda n: None):
         from edgeguard.engines.stream import atomic_texts
 
         self._on_tokens = on_tokens
@@ -209,7 +272,7 @@ class StreamWorker(_Worker):
         self._linger = linger  # (share of a decode step, least, most) in seconds
         self._step_s = 0.0  # a recent feed decode's duration (moving average)
         self._open = 0  # streams open now (touched by the worker thread only)
-        super().__init__(guard, max_queue=max_queue)
+        super().__init__(guard, max_queue=max_queue, on_cancel=on_cancel)
 
     def _gather(self) -> None:
         """Streams fed in lockstep (each waits for its last token's verdict) send their next
@@ -231,7 +294,8 @@ class StreamWorker(_Worker):
 
     def _round(self, jobs: list[Job]) -> list[Job]:
         """Run one round; returns the jobs that must wait for the round's feeds to land."""
-        feeds: dict[LiveStream, list[tuple[Job, list[int]]]] = {}
+        n_vocab = self.guard.vocab.n_vocab
+        feeds: dict[LiveStream, _Feeds] = {}
         blocked: set[LiveStream] = set()
         later = []
         for job in jobs:
@@ -239,16 +303,20 @@ class StreamWorker(_Worker):
             if stream is not None and stream in blocked:
                 later.append(job)
             elif job.kind == "feed":
+                assert stream is not None  # feed jobs always name their stream (websocket._read)
+                pending = feeds.setdefault(stream, _Feeds(stream.save()))
+                saved = stream.save()
                 try:
-                    assert stream is not None  # feed jobs always name their stream (websocket._read)
-                    feeds.setdefault(stream, []).append((job, stream.ids_for(job, self.guard.vocab.n_vocab)))
+                    pending.frames.append((job, stream.ids_for(job, n_vocab)))
                 except Exception as e:
+                    stream.restore(saved)
                     job.fail(e)
             elif stream is not None and stream in feeds:
                 blocked.add(stream)
                 later.append(job)
             else:
                 self._run_one(job)
+        feeds = {stream: pending for stream, pending in feeds.items() if pending.frames}
         if feeds:
             self._feed(feeds)
         return later
@@ -257,10 +325,17 @@ class StreamWorker(_Worker):
         guard = self.guard
         try:
             if job.kind == "check":
-                job.resolve(list(guard.check_many(job.items, batch_size=1)))
+                verdicts = []
+                for verdict in guard.check_many(job.items, batch_size=1):  # lazy: one conversation a decode
+                    verdicts.append(verdict)
+                    if job.cancelled:
+                        self._on_cancel(len(job.items) - len(verdicts))
+                        return
+                job.resolve(verdicts)
             elif job.kind == "open":
                 session = guard.session(job.items[0])
                 self._open += 1
+                job.orphaned = self._close_orphan
                 job.resolve(LiveStream(session, Retokenizer(guard.vocab.tokenize, atomic=self._atomic)))
             elif job.kind == "rollback":
                 stream = job.stream
@@ -280,27 +355,53 @@ class StreamWorker(_Worker):
         except Exception as e:
             job.fail(e)
 
-    def _feed(self, feeds: dict[LiveStream, list[tuple[Job, list[int]]]]) -> None:
+    def _close_orphan(self, stream: LiveStream) -> None:
+        """An opened stream nobody waits for (its client left during the open): close it."""
+        try:
+            self.submit("close", stream=stream, bounded=False)
+        except QueueFull:
+            pass  # shutting down: closing the guard frees the session
+
+    def _feed(self, feeds: dict[LiveStream, _Feeds]) -> None:
         try:
             t0 = time.monotonic()
-            out = self.guard.feed_many({s.session: [i for _, ids in pairs for i in ids]
-                                        for s, pairs in feeds.items()})
+            out = self.guard.feed_many({s.session: [i for _, ids in pending.frames for i in ids]
+                                        for s, pending in feeds.items()})
             self._step_s = 0.8 * self._step_s + 0.2 * (time.monotonic() - t0) if self._step_s else \
                 time.monotonic() - t0
         except Exception as e:
-            if len(feeds) == 1:
-                for job, _ in next(iter(feeds.values())):
-                    job.fail(e)
-            else:  # find the stream that failed; the others still get their verdicts
-                for stream, pairs in feeds.items():
-                    self._feed({stream: pairs})
+            if len(feeds) > 1:  # find the stream that failed; the others still get their verdicts
+                for stream, pending in feeds.items():
+                    self._feed({stream: pending})
+                return
+            (stream, pending), = feeds.items()
+            stream.restore(pending.saved)
+            if len(pending.frames) == 1:
+                pending.frames[0][0].fail(e)
+                return
+            # Frames that arrived together failed together: judge them one by one, as they
+            # would have been had they come apart, so only the frame at fault fails.
+            for job, _ in pending.frames:
+                self._feed_alone(stream, job)
             return
-        for stream, pairs in feeds.items():
+        for stream, pending in feeds.items():
             verdicts = out[stream.session]
             self._on_tokens(len(verdicts))
             at = 0
-            for k, (job, ids) in enumerate(pairs):
+            for k, (job, ids) in enumerate(pending.frames):
                 # Only a stream's last frame of the step reports the state: it is the state
                 # after all of the step's tokens.
-                job.resolve(stream.report(verdicts[at: at + len(ids)], with_state=k == len(pairs) - 1))
+                job.resolve(stream.report(verdicts[at: at + len(ids)], with_state=k == len(pending.frames) - 1))
                 at += len(ids)
+
+    def _feed_alone(self, stream: LiveStream, job: Job) -> None:
+        saved = stream.save()
+        try:
+            ids = stream.ids_for(job, self.guard.vocab.n_vocab)
+            verdicts = self.guard.feed_many({stream.session: ids})[stream.session]
+        except Exception as e:
+            stream.restore(saved)
+            job.fail(e)
+            return
+        self._on_tokens(len(verdicts))
+        job.resolve(stream.report(verdicts))
