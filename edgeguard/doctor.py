@@ -21,6 +21,7 @@ from edgeguard.runtime.heads import onnxruntime_info
 from edgeguard.runtime.kernels import ALLOW_AMX_ENV
 
 SELFTEST_TIMEOUT_S = 300
+DEFAULT_RESERVE_MB = 4096  # kept for the user's own LLM: a 7B at Q4_K_M with a short context
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ def run_child(folder: Path, device: str, env_extra: dict[str, str] | None = None
     return ChildResult(True, detail)
 
 
-def gather(device: str = "auto", self_test: bool = True) -> dict:
-    """The whole report as plain JSON types; ``report["healthy"]`` says whether all is well."""
+def gather(device: str = "auto", self_test: bool = True, reserve_mb: float = DEFAULT_RESERVE_MB) -> dict:
+    """The whole report as plain JSON types; ``report["healthy"]`` says whether all is well.
+    ``reserve_mb``: memory kept for the user's own LLM when choosing the model size that fits."""
     from edgeguard.models import hub
     from edgeguard.runtime import backend
     from edgeguard.runtime.kernels import amx_allowed, arm_note, choose_device, plan_kernels
@@ -104,6 +106,7 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
         "why": plan.reason,
     }
     report["attention"] = _attention(choice.device if choice else "cpu")
+    report["model_fit"] = model_fit(report["devices"], reserve_mb)
     if note := arm_note(info):
         notes.append(note)
     if platform.system() == "Darwin" and report["gpu_offload"]:
@@ -133,25 +136,20 @@ def gather(device: str = "auto", self_test: bool = True) -> dict:
 def _attention(device: str) -> dict:
     """Whether each engine runs llama.cpp's flash attention on this device, by default."""
     from edgeguard.engines import gen, stream
-    from edgeguard.engines.core import LONG_CTX
-    from edgeguard.runtime.kernels import choose_flash_attn, choose_kv_type
+    from edgeguard.runtime.kernels import choose_flash_attn
 
-    def pick(defaults, crowded=False):
-        return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type, crowded=crowded)
+    def pick(defaults):
+        return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type)
 
-    lone = pick(stream.DEFAULTS)
     return {
         "gen": pick(gen.DEFAULTS),
-        "stream_one_session": lone,
-        "stream_several_sessions": pick(stream.DEFAULTS, crowded=True),
-        "stream_long_kv": choose_kv_type(None, stream.DEFAULTS.kv_type, device, lone, long=True),
-        "long_ctx": LONG_CTX,
-        "why": "Gen is prefill-bound and flash attention speeds up every batch; a lone Stream session "
-               "on a CPU decodes one token at a time, where plain attention is faster at long "
-               "positions; with several sessions in one cache flash attention skips the others' "
-               "cells; a GPU and a q8_0 KV cache use it always (option: flash_attn=True/False); past "
-               "LONG_CTX cells a lone CPU session with plain attention keeps q8_0 keys (less to read "
-               "per step, 0.77x the memory; option: kv_type=)",
+        "stream_one_session": pick(stream.DEFAULTS),
+        "stream_several_sessions": pick(stream.DEFAULTS),
+        "stream_long_kv": stream.DEFAULTS.kv_type,
+        "why": "one attention kind and one KV type per guard, whatever the load, so scores do not "
+               "depend on other requests (docs/performance.md); flash attention computes each token "
+               "over its own sequence's cells (option: flash_attn=False, faster at long contexts on "
+               "some CPUs but not batch-invariant; kv_type= for less memory)",
     }
 
 
@@ -169,8 +167,8 @@ def _attention_line(att: dict) -> str:
     def kind(on: bool) -> str:
         return "flash" if on else "plain"
     return (f"Gen {kind(att['gen'])}; Stream {kind(att['stream_one_session'])} for one session, "
-            f"{kind(att['stream_several_sessions'])} for several; Stream KV {att['stream_long_kv']} past "
-            f"{att['long_ctx']} cells ({att['why']})")
+            f"{kind(att['stream_several_sessions'])} for several; Stream KV {att['stream_long_kv']} "
+            f"at every length ({att['why']})")
 
 
 def render(report: dict) -> str:
@@ -200,6 +198,58 @@ def render(report: dict) -> str:
         lines.append("self-test      " + (
             f"ok ({st.get('device')}, {st.get('kernels')}, {st.get('decode_ms')} ms)" if st["ok"]
             else f"skipped: {st.get('error')}" if st.get("skipped") else f"FAILED: {st.get('error')}"))
+    lines += _fit_lines(report.get("model_fit"))
     lines += [f"note           {n}" for n in report["notes"]]
     lines.append("healthy" if report["healthy"] else "NOT healthy")
     return "\n".join(lines)
+
+
+# -- which model size fits ----------------------------------------------------------------------
+
+
+def available_memory_mb() -> float | None:
+    """Memory available to a new process (Linux MemAvailable; else free pages), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def model_fit(devices: list[dict], reserve_mb: float) -> dict:
+    """The largest registry model of each kind, at its default quant, whose memory fits this
+    machine's available RAM (and each GPU's free memory, all layers offloaded) after
+    ``reserve_mb`` (edgeguard.models.sizing does the arithmetic)."""
+    from edgeguard.models.registry import load_registry
+    from edgeguard.models.sizing import largest_fitting
+
+    feet = [f for f in (spec.footprint() for spec in load_registry().values()) if f is not None]
+    places = [("ram", "RAM", available_memory_mb())]
+    places += [("gpu", d["name"], d.get("memory_free_mb")) for d in devices if d.get("type") == "gpu"]
+    out: dict = {"reserve_mb": reserve_mb, "fits": []}
+    for where, label, free in places:
+        if not free:
+            continue
+        for kind in ("gen", "stream"):
+            fit = largest_fitting(feet, kind, available_mb=free, reserve_mb=reserve_mb, where=where)
+            out["fits"].append({"place": label, **fit.to_dict()})
+    return out
+
+
+def _fit_lines(fit: dict | None) -> list[str]:
+    if not fit:
+        return []
+    lines = []
+    for row in fit["fits"]:
+        model = row["model"]
+        need = model and (model["ram_mb"] if row["where"] == "ram" else model["weights_mb"] + model["kv_mb"])
+        what = (f"{model['name']} {model['quant']} (~{need} MB)" if model else
+                f"none of {', '.join(row['considered'])}")
+        lines.append(f"fits {row['place']:<9} {row['kind']:<6} {what}, of {row['available_mb']} MB available "
+                     f"with {row['reserve_mb']} MB kept for your LLM (--reserve-mb)")
+    return lines

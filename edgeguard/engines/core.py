@@ -83,7 +83,6 @@ class Defaults:
     initial_ctx: int
     batch: int = 256  # tokens per llama.cpp decode: bounds the compute buffer
     long_batch: int = 64  # the same past LONG_CTX cells with plain attention (see _batch_for)
-    crowd_flash: bool = False  # flash attention by default once several sequences hold tokens
     runtime_mb: float = RUNTIME_MB  # what max_memory_mb reserves besides the weights and the KV cache
 
 
@@ -109,7 +108,7 @@ class Engine:
         self.options = options
         self.gguf = Path(gguf)
         self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-        self.kv_type = options.kv_type or defaults.kv_type
+        self.kv_type = choose_kv_type(options.kv_type, defaults.kv_type)
         self.repack = defaults.repack if options.repack is None else options.repack
         self.defaults = defaults
         self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
@@ -125,13 +124,17 @@ class Engine:
         self.backend: Backend | None = self._new_backend(min(self.max_ctx, defaults.initial_ctx))
         if options.max_memory_mb is not None:
             self._fit_memory(options, defaults)
+        elif options.kv_type is None and self.backend.kv_problem(self.kv_type):
+            self._fix_kv(choose_kv_type(None, "f16"), self.backend.n_ctx)
 
     def _fit_memory(self, options: EngineOptions, defaults: Defaults) -> None:
         b = self.backend
         budget = options.max_memory_mb
         assert b is not None and budget is not None  # called from __init__, with a budget, on a new backend
-        candidates = [options.kv_type] if options.kv_type else (
-            [defaults.kv_type, "q8_0-keys"] + (["q8_0"] if options.flash_attn is not False else []))
+        candidates = [options.kv_type] if options.kv_type else [
+            kv for kv in dict.fromkeys([defaults.kv_type, "q8_0-keys"] + (["q8_0"] if options.flash_attn is not False
+                                                                           else []))
+            if not b.kv_problem(kv)]
         try:
             plan = plan_memory(budget, weights_mb=b.weights_mb,
                                kv_values_per_token=b.kv_values_per_token, candidates=candidates,
@@ -142,26 +145,26 @@ class Engine:
         except BaseException:
             self.close()
             raise
-        size = min(self.max_cached, defaults.initial_ctx)
-        kv = self._kv_for(size, self.flash_attn)
-        if kv != self.kv_type or size != b.n_ctx:
+        # One KV type for the guard's life: the one that holds its largest context under the budget.
+        kv = choose_kv_type(options.kv_type, defaults.kv_type, usable=lambda k: k in plan.caps,
+                            fits=lambda k: plan.caps[k] >= plan.max_tokens)
+        self._fix_kv(kv, min(self.max_cached, defaults.initial_ctx))
+
+    def _fix_kv(self, kv: str, size: int) -> None:
+        """Set the guard's KV type (and the attention kind that goes with it) on an empty context."""
+        assert self.backend is not None  # called from __init__ on a new, empty backend
+        if kv != self.kv_type or size != self.backend.n_ctx:
             self.kv_type = kv
-            self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device, kv)
+            self.flash_attn = choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn,
+                                                self.device.device, kv)
             self._reshape(size)
 
     def _check_cap(self, what: str) -> None:
         """llama.cpp aborts on a context with fewer cells than sequences: a clear error instead."""
         cap = min(self.max_ctx, self.max_cached)
-        if cap < self.n_seq:
-            raise UsageError(f"{what} {cap} cached tokens; this guard needs at least {self.n_seq} "
-                             f"(one per sequence)")
-
-    def _kv_for(self, size: int, flash: bool, crowded: bool = False) -> str:
-        """The KV type for a context of ``size`` cells (``kernels.choose_kv_type``)."""
-        plan = self.memory_plan
-        return choose_kv_type(self.options.kv_type, self.defaults.kv_type, self.device.device, flash,
-                              long=size > LONG_CTX, crowded=crowded,
-                              fits=None if plan is None else lambda kv: size <= plan.caps.get(kv, 0))
+        if cap <= self.n_seq:
+            raise UsageError(f"{what} {cap} cached tokens; this guard needs more than {self.n_seq} "
+                             f"(one per sequence and a padding one)")
 
     def _batch_for(self, n_ctx: int) -> int:
         """Tokens per llama.cpp decode for a context of ``n_ctx`` cells. Plain attention holds a
@@ -170,8 +173,8 @@ class Engine:
         none (17 MiB at 256) and keeps the larger, faster batch. Never below ``n_seq``: llama.cpp
         reserves an output row per sequence in a batch."""
         if self.flash_attn or n_ctx <= LONG_CTX:
-            return self.defaults.batch
-        return max(self.n_seq, min(self.defaults.batch, self.defaults.long_batch))
+            return max(self.n_seq + 1, self.defaults.batch)
+        return max(self.n_seq + 1, min(self.defaults.batch, self.defaults.long_batch))
 
     def _reshape(self, n_ctx: int) -> None:
         """The backend's context replaced by an empty one of ``n_ctx`` cells with this engine's
@@ -222,33 +225,16 @@ class Engine:
         self._held[dst] = self._held[src][:n]
 
     # -- context ---------------------------------------------------------------------------------
-    def _crowded(self, seqs: Sequence[int]) -> bool:
-        """Whether several sequences hold tokens once ``seqs`` are fed (for an engine that
-        chooses its attention and KV cache by the crowd: ``Defaults.crowd_flash``)."""
-        backend = self.backend
-        assert backend is not None  # the engine is open: its callers hold a live guard
-        return self.defaults.crowd_flash and len(
-            {s for s in range(self.n_seq) if backend.n_past[s]} | set(seqs)) > 1
-
-    def _flash_for(self, crowded: bool) -> bool:
-        """The flash-attention setting for a crowd (``_crowded``) or a lone sequence."""
-        return choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn, self.device.device,
-                                 self.kv_type, crowded=crowded)
-
     def ensure_room(self, new_tokens: int, what: str, seqs: Sequence[int] = ()) -> None:
         """Make room for ``new_tokens`` more cached positions, growing the context up to the
         model's limit; beyond it an InputTooLong with the counts (never a truncation).
 
-        With ``crowd_flash``, flash attention is turned on (the context rebuilt, its sequences
-        copied over) as soon as ``seqs`` make a second sequence hold tokens; it goes back off
-        only when the context grows anyway, so sessions coming and going never make it flap."""
+        The attention kind and the KV type stay what the guard was loaded with: a growth moves
+        the sequences into a larger cache of the same layout, so no conversation's numbers
+        depend on when its neighbours made the context grow."""
         assert self.backend is not None  # the engine is open: its callers hold a live guard
-        needed = self.backend.cached + new_tokens
-        crowded = self._crowded(seqs)
-        flash = self._flash_for(crowded)
+        needed = self.backend.cached + new_tokens + self.backend.spare_cells
         if needed <= self.backend.n_ctx:
-            if flash and not self.flash_attn:
-                self._rebuild(self.backend.n_ctx, flash, crowded)
             return
         limit = min(self.max_ctx, self.max_cached)
         if needed > limit:
@@ -256,16 +242,7 @@ class Engine:
                 f"{what} needs {new_tokens} more tokens with {self.backend.cached} cached, more than "
                 f"the {limit} this guard allows; shorten the text, roll back, close sessions or raise "
                 "n_ctx / max_cached_tokens / max_memory_mb (edgeguard never truncates silently)")
-        self._rebuild(grown_size(self.backend.n_ctx, needed, limit), flash, crowded)
-
-    def _rebuild(self, size: int, flash: bool, crowded: bool) -> None:
-        """A context of ``size`` cells with this attention kind and the KV type that goes with
-        it (on a CPU q8_0 keys past LONG_CTX cells with plain attention, and for a crowd with
-        flash attention; under a memory budget the fastest type that fits, a q8_0 cache turning
-        flash attention on)."""
-        self.kv_type = self._kv_for(size, flash, crowded)
-        self.flash_attn = flash or self.kv_type == "q8_0"
-        self._grow(size)
+        self._grow(grown_size(self.backend.n_ctx, needed, limit))
 
     def _grow(self, size: int) -> None:
         """Move every sequence into a new context (larger, or with another cache layout).
@@ -363,15 +340,15 @@ class EngineStats:
 
     @property
     def flash_attn(self) -> bool:
-        """Whether llama.cpp's flash attention is on now (on a CPU, Stream turns it on once two
-        sessions hold tokens: ``kernels.choose_flash_attn``)."""
+        """Whether llama.cpp's flash attention is on: one setting for the guard's life (on unless
+        ``flash_attn=False``: ``kernels.choose_flash_attn``)."""
         return bool(self._engine.flash_attn)
 
     @property
     def kv_type(self) -> str:
-        """The KV cache's type now: "f16", "q8_0-keys" (q8_0 keys, f16 values: a CPU context past
-        LONG_CTX cells with plain attention) or "q8_0"; when not given, chosen as the context
-        grows, the fastest that fits ``max_memory_mb``."""
+        """The KV cache's type: "f16", "q8_0-keys" (q8_0 keys, f16 values) or "q8_0"; one for the
+        guard's life: as asked, else f16, else (under ``max_memory_mb``) the type that holds the
+        largest context the budget allows (``kernels.choose_kv_type``)."""
         return self._engine.kv_type
 
     @property

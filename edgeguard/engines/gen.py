@@ -203,12 +203,18 @@ class GenGuard(EngineStats):
         t1 = time.perf_counter()
         # One decode reads each label and, speculating on the most common verdict (Safe, no
         # category), the category and refusal too; a wrong guess costs one short decode more.
+        # Only a lone conversation speculates: taking a wrong guess back leaves a gap in the cache
+        # that llama.cpp refills first, which in a batch could put one conversation's next tokens
+        # before its earlier ones and change its numbers (docs/performance.md, batch invariance).
+        speculate = len(items) == 1
         inputs, outputs, labelled = {}, {}, {}
         for item in items:
             labelled[item.seq] = self._continue(item.tokens, "Safety:")
             guess = self._continue(labelled[item.seq], f" {GUESS_LABEL}\nCategories:")
             at = [len(labelled[item.seq]) - 1, len(guess) - 1]
-            if item.mode == "response":
+            if not speculate:
+                guess, at = labelled[item.seq], at[:1]
+            elif item.mode == "response":
                 guess = self._continue(guess, f" {NONE}\nRefusal:")
                 at.append(len(guess) - 1)
             new = guess[len(engine.held(item.seq)):]
@@ -221,8 +227,8 @@ class GenGuard(EngineStats):
             labels[item.seq] = (max(scores, key=lambda k: scores[k]), scores)
         t2 = time.perf_counter()
         misses = {i.seq: self._continue(labelled[i.seq], f" {labels[i.seq][0]}\nCategories:")
-                  for i in items if labels[i.seq][0] != GUESS_LABEL}
-        category_logits = {i.seq: logits[i.seq][1] for i in items}
+                  for i in items if labels[i.seq][0] != GUESS_LABEL or not speculate}
+        category_logits = {i.seq: logits[i.seq][1] for i in items if i.seq not in misses}
         category_logits.update(self._extend(misses) if misses else {})
         categories = {}
         for item in items:
@@ -232,7 +238,8 @@ class GenGuard(EngineStats):
         refusals = {}
         responses = [i for i in items if i.mode == "response"]
         if responses:
-            guessed = {i.seq for i in responses if labels[i.seq][0] == GUESS_LABEL and categories[i.seq][0] == NONE}
+            guessed = {i.seq for i in responses
+                       if speculate and labels[i.seq][0] == GUESS_LABEL and categories[i.seq][0] == NONE}
             reread = {i.seq: self._continue(self._continue(labelled[i.seq], f" {labels[i.seq][0]}\nCategories:"),
                                             f" {categories[i.seq][0]}\nRefusal:")
                       for i in responses if i.seq not in guessed}

@@ -35,17 +35,19 @@ from edgeguard.verdict import LABELS, StreamState, TokenVerdict, Verdict
 IM_END = "<|im_end|>"
 # Where the response starts: the rendering of a probe assistant message is cut at its content.
 _PROBE = "\ue000edgeguard-response\ue001"
-# Per-token speed is what Stream is for: repacked weights and an f16 KV cache make a decode
-# step fastest (a q8_0 cache saves memory but costs ~15% a step); flash attention follows the
-# device and, on a CPU, turns on once two sessions hold tokens (``kernels.choose_flash_attn``,
-# ``Engine.ensure_room``). The KV cache is allocated up front (~112 KiB per token for
+# Per-token speed is what Stream is for: an f16 KV cache makes a decode step fastest (a q8_0
+# cache saves memory but costs ~15% a step); llama.cpp's repacked weights stay off by default
+# (they multiply 4+ tokens with another kernel than 1-3, so a session's scores would depend on
+# its neighbours; on an AMD EPYC they bought nothing: repack=True to opt in); flash attention is on, one
+# setting for the guard's life, so no session's scores depend on others (``kernels.choose_flash_attn``).
+# The KV cache is allocated up front (~112 KiB per token for
 # the real model at f16): it starts at 512 positions and grows on demand up to the manifest's
 # context length.
 # runtime_mb: a Stream process's memory besides weights and KV cache (onnxruntime and its heads,
 # repacked-weight and compute buffers, Python, a growth's transient); 300 MB covers the ~240 MB
 # measured for the 0.6B model fed to 7,000 tokens, with room for the growth's transient
 # (bench/long_bench.py's stream_edgeguard worker; docs/long-inputs.md).
-DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, crowd_flash=True, runtime_mb=300)
+DEFAULTS = Defaults(kv_type="f16", repack=False, flash_attn=None, initial_ctx=512, runtime_mb=300)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from edgeguard.runtime import kv_state
+from edgeguard.runtime.kernels import kv_type_problem
 from edgeguard.runtime.llama_model import (  # noqa: F401  (re-exported: the llama.cpp layer's API)
     Vocab,
     check_threads,
@@ -44,9 +45,24 @@ _PREFIX_MAGIC = b"EGKVSEQ2"  # 2: a sha256 of the content follows the magic
 _KV_TYPES = {"f16": (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16),
              "q8_0-keys": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_F16),
              "q8_0": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}
-MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ in llama.cpp 0.3.36
+MAX_SEQUENCES = 255  # LLAMA_MAX_SEQ in llama.cpp 0.3.36 (256), less the padding sequence
+# llama.cpp 0.3.36's CPU flash attention has three kernels, picked by the shape of each decode:
+# one that splits a single query token's cells across threads (when it is alone in the batch and
+# the cache, f16 here, has >= 512 cells), a tiled one for >= GGML_FA_TILE_Q (64) query tokens,
+# and one that computes each query token on its own over its own sequence's cells in order.
+# They round differently, so a token's scores would depend on how many tokens shared its decode
+# and on how many cells its neighbours hold. With an f16 cache, edgeguard decodes in pieces of
+# 2..ONE_CHUNK_MAX tokens (a lone token gets a padding token of its own sequence beside it),
+# so every token takes the third kernel whatever else is decoded. A q8_0-keys or q8_0 cache
+# takes the third kernel at every shape.
+ONE_CHUNK_MAX = 63
 
 log = logging.getLogger("edgeguard.runtime.backend")
+# llama.cpp's CPU multiplies K-quant weights (Q4_K, Q6_K: q4_k_m) by 8 or more tokens with a
+# tiled kernel and by fewer with another, which round differently: one kernel for every batch
+# shape keeps a token's numbers independent of how many tokens share its decode. The tiled one,
+# read once by llama.cpp at its first product, is the faster for prefill.
+os.environ.setdefault("GGML_CPU_TILED_MM_FORCE", "1")
 
 
 class _Batch:
@@ -77,9 +93,10 @@ def _check_context(n_ctx: int, n_batch: int, n_seq: int, kv_type: str) -> None:
     if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
         raise UsageError(f"n_ctx, n_batch and n_seq (<= {MAX_SEQUENCES}) must be positive "
                          f"(got {n_ctx}, {n_batch}, {n_seq})")
-    # llama.cpp reserves an output row per sequence in min(n_ctx, n_batch), and aborts if short
-    if n_batch < n_seq or n_ctx < n_seq:
-        raise UsageError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be at least n_seq ({n_seq})")
+    # llama.cpp reserves an output row per sequence (the padding one included) in
+    # min(n_ctx, n_batch), and aborts if short
+    if n_batch <= n_seq or n_ctx <= n_seq:
+        raise UsageError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be more than n_seq ({n_seq})")
 
 
 class Backend:
@@ -149,7 +166,7 @@ class Backend:
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
-        params.n_seq_max = self.n_seq
+        params.n_seq_max = self.n_seq + 1  # the last one holds the padding token (ONE_CHUNK_MAX)
         params.kv_unified = True  # one pool of cells for all sequences; shared prefixes share cells
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
@@ -160,6 +177,9 @@ class Backend:
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[self.flash_attn]
+        problem = kv_type_problem(self.kv_type, self.head_dim, self.head_dim_v)
+        if problem:
+            raise UsageError(problem)
         params.type_k, params.type_v = _KV_TYPES[self.kv_type]
         if self.kv_type == "q8_0" and self.flash_attn is None:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -215,10 +235,31 @@ class Backend:
         return int(head_dim) if head_dim else self.n_embd // max(1, llama_cpp.llama_model_n_head(self._model))
 
     @property
+    def head_dim_v(self) -> int:
+        arch = self._vocab.meta("general.architecture") or ""
+        head_dim = self._vocab.meta(f"{arch}.attention.value_length")
+        return int(head_dim) if head_dim else self.head_dim
+
+    def kv_problem(self, kv_type: str) -> str | None:
+        """Why this model cannot use a ``kv_type`` cache (``kernels.kv_type_problem``); None if it can."""
+        return kv_type_problem(kv_type, self.head_dim, self.head_dim_v)
+
+    @property
     def kv_values_per_token(self) -> int:
         """Values one cached token holds: keys and values of every layer's KV heads."""
         layers = llama_cpp.llama_model_n_layer(self._model)
-        return 2 * layers * llama_cpp.llama_model_n_head_kv(self._model) * self.head_dim
+        return 2 * layers * llama_cpp.llama_model_n_head_kv(self._model) * (self.head_dim + self.head_dim_v) // 2
+
+    @property
+    def pads(self) -> bool:
+        """Whether decodes run in pieces of 2..ONE_CHUNK_MAX tokens (see ONE_CHUNK_MAX): flash
+        attention over an f16 cache on the CPU."""
+        return bool(self.flash_attn) and self.kv_type == "f16" and self.n_gpu_layers == 0
+
+    @property
+    def spare_cells(self) -> int:
+        """Cells a decode needs besides its tokens (the padding token's)."""
+        return 1 if self.pads else 0
 
     @property
     def cached(self) -> int:
@@ -268,7 +309,7 @@ class Backend:
             raise UsageError("decode needs at least one input")
         kind = kinds.pop()
         total = sum(len(d) for _, d in parts)
-        if self.cached + total > self.n_ctx:
+        if self.cached + total + self.spare_cells > self.n_ctx:
             raise RuntimeFailure(
                 f"context overflow: {self.cached} cached + {total} new tokens > n_ctx {self.n_ctx}")
         seqs = np.concatenate([np.full(len(d), s, np.int32) for s, d in parts])
@@ -290,17 +331,32 @@ class Backend:
         result = {seq: np.empty((len(outputs.get(seq, ())), width), np.float32) for seq, _ in parts}
         before = list(self.n_past)
         batch = self._batch(kind)
+        step = min(self.n_batch, ONE_CHUNK_MAX) if self.pads else self.n_batch
+        pad = self.n_seq  # the padding sequence: one token at position 0, removed after each decode
         try:
-            for start in range(0, total, self.n_batch):
-                m = min(self.n_batch, total - start)
+            for start in range(0, total, step):
+                m = min(step, total - start)
                 batch.data[:m] = data[start:start + m]
                 batch.pos[:m] = pos[start:start + m]
                 # llama.cpp outputs every token in embeddings mode; saying so avoids its warning.
                 batch.output[:m] = 1 if self.mode == "embeddings" else wanted[start:start + m]
                 batch.set_seqs(seqs[start:start + m])
-                batch.raw.n_tokens = m
+                n = m
+                if m == 1 and self.pads:
+                    batch.data[1] = 0
+                    batch.pos[1] = 0
+                    batch.output[1] = 1
+                    batch.set_seqs(np.array([seqs[start], pad], np.int32))
+                    n = 2
+                elif self.pads and batch.output[:m].sum() == 1:
+                    # llama.cpp multiplies a lone output row by the vocabulary with another kernel
+                    # than two or more: read one more row, so every output takes the same one.
+                    batch.output[1 if batch.output[0] else 0] = 1
+                batch.raw.n_tokens = n
                 native_error[0] = ""
                 rc = llama_cpp.llama_decode(ctx, batch.raw)
+                if n > m:
+                    llama_cpp.llama_memory_seq_rm(self._memory, pad, -1, -1)
                 if rc != 0:
                     reason = one_line(native_error[0])
                     raise RuntimeFailure(f"llama_decode failed (code {rc})" + (f": {reason}" if reason else ""))

@@ -193,42 +193,50 @@ def choose_device(requested: str, *, gpu_offload: bool, n_gpu_layers: int | None
     return DeviceChoice(layers, "gpu" if layers else "cpu", "llama.cpp reports GPU offload support")
 
 
-def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_type: str,
-                      crowded: bool = False) -> bool:
-    """Flash attention: as asked; else the engine's default; else on for a GPU and for a q8_0
-    KV cache (llama.cpp needs it there), and on a CPU off for one sequence, where llama.cpp's
-    flash-attention decode grows slower than plain attention with the context (1.9x slower at
-    7,000 cached tokens on an Intel Xeon, about equal at 100), but on when ``crowded``: several
-    sequences in one unified cache, where plain attention computes every token against every
-    sequence's cells and flash attention skips the cells masked out."""
+def choose_flash_attn(asked: bool | None, default: bool | None, device: str, kv_type: str) -> bool:
+    """Flash attention, one setting per guard (never switched by load): as asked; else the
+    engine's default; else on. Scores must not depend on what else the guard is doing, and
+    llama.cpp's CPU flash attention is the attention kind whose result for a token depends only
+    on its own sequence's cells (it skips the cells masked out; plain attention sums every cell
+    of the cache, so a sequence's numbers move with where its neighbours' cells lie). It is also
+    the faster kind for one session at short contexts on an AMD EPYC (23.8 vs 28.0 ms a token)
+    and for several sessions everywhere. A q8_0 cache (quantized values) needs it."""
     if asked is not None:
         return asked
     if default is not None:
-        return default
-    return device == "gpu" or kv_type == "q8_0" or crowded
+        return default or kv_type == "q8_0"
+    return True
 
 
-def choose_kv_type(asked: str | None, default: str, device: str, flash_attn: bool, *, long: bool,
-                   crowded: bool = False, fits=None) -> str:
-    """The KV cache's type for a context: as asked; else the fastest that ``fits(kv_type)`` (a
-    memory budget; None: all do). On a CPU with plain attention, once the context is long (past
-    ``engines.core.LONG_CTX`` cells), q8_0 keys with f16 values come first: every single-token
-    step reads every cached key, and q8_0 keys are 0.77x the bytes of f16 (measured by
-    ``python bench/decode_probe.py --only keys``; docs/long-inputs.md). A q8_0 cache (keys and
-    values; flash attention needed) comes last: llama.cpp's CPU flash attention over quantized
-    values is many times slower to fill. With flash attention on a CPU, the same holds for a
-    long context that several sequences share (``crowded``; ``--only crowdkv``). Short contexts,
-    a lone sequence with flash attention, and a GPU keep ``default``."""
+# ggml block size of each KV type's (K, V) cache: llama.cpp views the cache one attention head at
+# a time, so a quantized cache needs heads whose size the block size divides (a head of 24 values
+# in a q8_0 cache makes llama.cpp abort the process once the cache is large enough).
+KV_BLOCKS = {"f16": (1, 1), "q8_0-keys": (32, 1), "q8_0": (32, 32)}
+
+
+def kv_type_problem(kv_type: str, head_k: int, head_v: int) -> str | None:
+    """Why llama.cpp cannot hold this model's attention heads in a ``kv_type`` cache; None when it can."""
+    bk, bv = KV_BLOCKS[kv_type]
+    for what, size, block in (("key", head_k, bk), ("value", head_v, bv)):
+        if size % block:
+            return (f"kv_type {kv_type!r} stores {what}s in blocks of {block} values, and this model's "
+                    f"attention heads hold {size}; use kv_type='f16'")
+    return None
+
+
+def choose_kv_type(asked: str | None, default: str, *, usable=None, fits=None) -> str:
+    """The KV cache's type, one per guard (never changed by load or growth, so a conversation's
+    scores do not depend on when its neighbours made the context grow): as asked; else
+    ``default`` when it ``fits`` (a memory budget for the guard's largest context; None: all
+    do); else the first that fits of q8_0 keys (0.77x of f16's bytes), then q8_0 (0.53x).
+    ``usable(kv)`` (None: all are) drops the types this model's head size rules out."""
     if asked:
         return asked
-    if device == "cpu" and (not flash_attn or crowded):
-        order = ["q8_0-keys", default] if long else [default, "q8_0-keys"]
-    else:
-        order = [default]
-    for kv in dict.fromkeys(order + ["q8_0"]):
+    order = [kv for kv in dict.fromkeys([default, "q8_0-keys", "q8_0"]) if usable is None or usable(kv)]
+    for kv in order:
         if fits is None or fits(kv):
             return kv
-    return "q8_0"
+    return order[-1] if order else default
 
 
 KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}  # bytes per cached value
