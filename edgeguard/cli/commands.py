@@ -260,15 +260,18 @@ def pull(name, quant, offline):
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def models_cmd(as_json):
-    """List the registry with what is pulled locally."""
+    """List the registry with what is pulled locally, and each model's size on disk and in
+    memory at its default quant (computed from its shape: see docs/models.md)."""
     from edgeguard.models import registry, store
 
     rows = []
     for name, spec in sorted(registry.load_registry().items()):
         local = store.pulled(spec)
+        feet = spec.footprint()
         rows.append({
             "name": name, "kind": spec.kind, "repo": spec.repo, "revision": spec.revision,
             "default_quant": spec.default_quant, "license": spec.license,
+            "disk_mb": round(feet.disk_mb) if feet else None, "ram_mb": round(feet.ram_mb) if feet else None,
             "pulled": [{"quant": m.quant, "size": m.size, "path": str(m.folder)} for m in local],
         })
     if as_json:
@@ -276,7 +279,9 @@ def models_cmd(as_json):
         return
     for row in rows:
         pulled_text = ", ".join(f"{p['quant']} ({p['size'] / 1e6:.0f} MB)" for p in row["pulled"]) or "not pulled"
-        click.echo(f"{row['name']:<14} {row['kind']:<7} {row['repo']:<32} {pulled_text}")
+        sizes = (f"{row['default_quant']} {row['disk_mb']:>5} MB disk {row['ram_mb']:>5} MB RAM"
+                 if row["disk_mb"] is not None else f"{row['default_quant']} (size unknown)")
+        click.echo(f"{row['name']:<14} {row['kind']:<7} {row['repo']:<30} {sizes:<36} {pulled_text}")
 
 
 @main.command()
@@ -374,15 +379,18 @@ def stream(prompt, response, policy, as_json, follow, model, quant, offline, thr
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--no-self-test", is_flag=True, help="Skip the decode of a tiny model in a child process.")
+@click.option("--reserve-mb", type=click.FloatRange(min=0), default=None,
+              help="Memory to keep for your own LLM when choosing the model size that fits (default 4096).")
 @handle_errors
-def doctor(device, as_json, no_self_test):
+def doctor(device, as_json, no_self_test, reserve_mb):
     """What this machine's llama.cpp build can do, and a self-test in a child process.
 
     Exit status: 0 healthy, 3 when the self-test failed or crashed (the report says what to change).
     """
-    from edgeguard.doctor import gather, render
+    from edgeguard.doctor import DEFAULT_RESERVE_MB, gather, render
 
-    report = gather(device, self_test=not no_self_test)
+    reserve = DEFAULT_RESERVE_MB if reserve_mb is None else reserve_mb
+    report = gather(device, self_test=not no_self_test, reserve_mb=reserve)
     click.echo(console.json_text(report, indent=2) if as_json else render(report))
     sys.exit(0 if report["healthy"] else 3)
 
