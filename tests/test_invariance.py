@@ -120,3 +120,48 @@ def test_stream_session_in_a_crowd_and_after_equals_alone(stream_folder, quant):
         apart = _apart(got, want)
         print(f"stream {quant} after a crowd: {apart:.2e}")
         assert apart <= BOUND[quant]
+
+
+_CHILD = r"""
+import sys
+from pathlib import Path
+from edgeguard.engines.stream import StreamGuard, StreamOptions
+from edgeguard.errors import EdgeguardError
+from edgeguard.models.manifest import Manifest
+
+folder, kv, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+try:
+    with StreamGuard(folder, Manifest.read(folder), "f16",
+                     options=StreamOptions(kv_type=None if kv == "auto" else kv, max_sessions=2)) as g:
+        ids = (g.response_tokens("The quick brown fox jumps over the lazy dog. ") * (n // 8 + 1))[:n]
+        with g.session("hi") as s, g.session("there") as t:
+            s.feed(ids)
+            t.feed(ids[:5])
+            print("ok", g.kv_type, g.context_size, flush=True)
+except EdgeguardError as e:
+    print("refused", type(e).__name__, e, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim", [24, 40, 64])
+def test_no_model_config_aborts_the_process(head_dim, tmp_path):
+    """Any head size, any KV type, a context past 4,096 cells: a clear error or a result, never
+    a native abort (llama.cpp aborts on a q8_0 cache whose block size does not divide the head
+    size). Run in a child process, so an abort fails the test instead of killing pytest."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.checkpoints import build_checkpoint
+
+    folder = converted(build_checkpoint("stream", hidden=96, heads=4, kv_heads=2, head_dim=head_dim,
+                                        intermediate=128, seed=7), ("f16",))
+    for kv, n in (("auto", 4200), ("q8_0-keys", 300), ("q8_0", 300), ("f16", 40)):
+        run = subprocess.run([sys.executable, "-c", _CHILD, str(folder), kv, str(n)], capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, (head_dim, kv, run.returncode, run.stderr[-2000:])
+        out = run.stdout.strip()
+        if kv in ("auto", "f16") or head_dim % 32 == 0:
+            assert out.startswith("ok"), (head_dim, kv, out)
+        else:
+            assert out.startswith("refused UsageError") and f"hold {head_dim}" in out, out

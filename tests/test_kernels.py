@@ -126,26 +126,36 @@ def test_choose_device():
 
 
 def test_flash_attention_choice():
-    assert choose_flash_attn(None, None, "cpu", "f16") is False
+    """One setting per guard, never the load: on unless asked or an engine's default says otherwise."""
+    assert choose_flash_attn(None, None, "cpu", "f16") is True
     assert choose_flash_attn(None, None, "gpu", "f16") is True
-    assert choose_flash_attn(None, None, "cpu", "q8_0") is True  # llama.cpp needs it for a quantized V cache
-    assert choose_flash_attn(True, None, "cpu", "f16") is True
+    assert choose_flash_attn(None, None, "cpu", "q8_0-keys") is True
+    assert choose_flash_attn(False, None, "cpu", "f16") is False  # asked: the opt-in, not batch-invariant
     assert choose_flash_attn(None, False, "gpu", "f16") is False
-    assert choose_flash_attn(None, None, "cpu", "q8_0-keys") is False  # an f16 V: plain attention reads it
+    assert choose_flash_attn(None, False, "cpu", "q8_0") is True  # llama.cpp needs it for a quantized V cache
 
 
 def test_kv_type_choice():
-    """q8_0 keys only for a long CPU context with plain attention or shared by a crowd, and
-    only in place of f16."""
-    assert choose_kv_type(None, "f16", "cpu", False, long=True) == "q8_0-keys"
-    assert choose_kv_type(None, "f16", "cpu", False, long=False) == "f16"
-    assert choose_kv_type(None, "f16", "cpu", True, long=True) == "f16"  # flash attention, one sequence
-    assert choose_kv_type(None, "f16", "cpu", True, long=True, crowded=True) == "q8_0-keys"
-    assert choose_kv_type(None, "f16", "cpu", True, long=False, crowded=True) == "f16"  # a small crowd
-    assert choose_kv_type(None, "f16", "gpu", True, long=True, crowded=True) == "f16"
-    assert choose_kv_type(None, "f16", "gpu", False, long=True) == "f16"
-    assert choose_kv_type("f16", "f16", "cpu", False, long=True) == "f16"  # asked
-    assert choose_kv_type("f16", "f16", "cpu", True, long=True, crowded=True) == "f16"
+    """One KV type per guard: as asked, else the default while it fits the budget, else the first
+    that fits; types the model's head size rules out are skipped."""
+    assert choose_kv_type(None, "f16") == "f16"
+    assert choose_kv_type("q8_0-keys", "f16") == "q8_0-keys"  # asked
+    assert choose_kv_type(None, "f16", fits=lambda kv: kv != "f16") == "q8_0-keys"
+    assert choose_kv_type(None, "f16", fits=lambda kv: kv == "q8_0") == "q8_0"
+    assert choose_kv_type(None, "f16", usable=lambda kv: kv == "f16", fits=lambda kv: kv != "f16") == "f16"
+
+
+@pytest.mark.parametrize("head,ok", [(128, ("f16", "q8_0-keys", "q8_0")), (64, ("f16", "q8_0-keys", "q8_0")),
+                                     (24, ("f16",)), (80, ("f16",)), (96, ("f16", "q8_0-keys", "q8_0"))])
+def test_kv_type_problem_follows_the_block_size(head, ok):
+    """llama.cpp views a quantized cache one head at a time: q8_0 needs heads that 32 divides."""
+    from edgeguard.runtime.kernels import kv_type_problem
+
+    for kv in ("f16", "q8_0-keys", "q8_0"):
+        problem = kv_type_problem(kv, head, head)
+        assert (problem is None) == (kv in ok), (kv, head, problem)
+        if problem:
+            assert f"hold {head}" in problem and "kv_type='f16'" in problem
 
 
 def test_memory_plan_picks_kv_type_and_cap():
@@ -173,19 +183,6 @@ def test_memory_plan_picks_kv_type_and_cap():
     stream_like = plan_memory(1200, weights_mb=400, kv_values_per_token=values, candidates=every, max_ctx=8192,
                               runtime_mb=450)  # an engine's own runtime allowance: 350 MiB left
     assert stream_like.caps["q8_0"] == int(350 * 2**20 / (values * 34 / 32))
-
-
-def test_kv_type_under_a_budget_is_the_fastest_that_fits():
-    caps = {"f16": 5000, "q8_0-keys": 6500, "q8_0": 9000}
-
-    def pick(size, flash=False, long=True):
-        return choose_kv_type(None, "f16", "cpu", flash, long=long, fits=lambda kv: size <= caps[kv])
-
-    assert pick(3000, long=False) == "f16"
-    assert pick(4608) == "q8_0-keys"  # long, plain attention: q8_0 keys first
-    assert pick(5888, long=False) == "q8_0-keys"  # f16 no longer fits
-    assert pick(7424) == "q8_0"  # nothing else does
-    assert pick(4608, flash=True) == "f16" and pick(5888, flash=True) == "q8_0"
 
 
 def test_arm_system_info_from_the_arm64_check():
