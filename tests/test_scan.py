@@ -3,7 +3,6 @@ a time; stdout output; ids on error lines; a BOM; exit status from the whole out
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 
@@ -121,6 +120,7 @@ def test_output_without_a_record_is_not_resumed(model, tmp_path):
 def test_a_second_writer_is_refused(model, tmp_path, monkeypatch):
     from edgeguard.cli import commands as cli
 
+    fcntl = pytest.importorskip("fcntl")  # POSIX; the Windows lock: tests/test_platform.py
     src, out = write_input(tmp_path / "in.jsonl", "A", 3), tmp_path / "out.jsonl"
     real_load = cli._load
     with open(out, "ab") as held:

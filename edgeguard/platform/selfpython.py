@@ -37,7 +37,7 @@ def self_test_python() -> tuple[str | None, str]:
 
 def crash_name(returncode: int) -> str | None:
     """What killed a child that crashed (a POSIX signal, a Windows exception); None when it exited."""
-    if returncode < 0:
+    if -256 < returncode < 0:  # subprocess's "killed by signal N"
         try:
             return signal.Signals(-returncode).name
         except ValueError:
