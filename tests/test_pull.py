@@ -135,3 +135,82 @@ def test_convert_from_a_hub_repo_id(hub_server, tmp_path):
     assert manifest["source"] == {"repo": REPO, "revision": COMMIT}
     assert manifest["name"] == REPO.split("/")[-1].lower()
     assert list(manifest["files"]) == [f"{manifest['name']}-q8_0.gguf"]
+
+
+SHARDED_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture
+def sharded(tmp_path, monkeypatch):
+    """gen-4b as registered (files with the shard index), served by the 4B-shaped fixture."""
+    from tests.fixtures.checkpoints import build_sized_checkpoint
+
+    ckpt = build_sized_checkpoint("gen", "4b-shaped")
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.name != "generation_config.json"}
+    assert len([n for n in files if n.startswith("model-")]) == 2
+    toml = tmp_path / "models.toml"
+    toml.write_text(f"""
+["gen-4b"]
+kind = "gen"
+repo = "{REPO}"
+revision = "main"
+files = {json.dumps(list(SHARDED_FILES))}
+default_quant = "q8_0"
+context_length = 4096
+license = "Apache-2.0"
+""")
+    monkeypatch.setenv("EDGEGUARD_MODELS", str(toml))
+    monkeypatch.setenv("EDGEGUARD_CACHE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path, files
+
+
+@pytest.mark.slow
+def test_sharded_pull_offline_then_check(sharded, monkeypatch):
+    tmp_path, files = sharded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("pull", "gen-4b")
+    assert result.exit_code == 3 and "edgeguard pull gen-4b" in result.output
+    _, snapshot = build_cache(tmp_path / "hf", files)
+    shard = next(n for n in files if n.startswith("model-00002"))
+    (snapshot / shard).unlink()  # a shard the index names is missing: offline, nothing to do
+    result = run("pull", "gen-4b")
+    assert result.exit_code == 3 and "edgeguard pull gen-4b" in result.output and "offline" in result.output
+    build_cache(tmp_path / "hf", {shard: files[shard]})
+    result = run("pull", "gen-4b")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "store" / "models" / "gen-4b-q8_0" / "manifest.json").read_text())
+    assert manifest["source"]["revision"] == COMMIT and manifest["hidden_size"] == 320
+    result = run("check", "hello", "--model", "gen-4b", "--json")
+    assert result.exit_code in (0, 1), result.output
+    assert run("verify", "gen-4b").exit_code == 0
+
+
+@pytest.mark.slow
+def test_sharded_pull_from_the_hub_fetches_every_shard(sharded, monkeypatch):
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        pytest.skip("huggingface_hub was imported with HF_HUB_OFFLINE set")
+    tmp_path, files = sharded
+
+    class ShardedHub(FakeHub):
+        requests = []
+
+    ShardedHub.files = files
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ShardedHub)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    try:
+        result = run("pull", "gen-4b")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 0, result.output
+    fetched = {path.rsplit("/", 1)[-1] for method, path in ShardedHub.requests if method == "GET"}
+    assert {n for n in files if n.startswith("model-")} <= fetched
+    folder = tmp_path / "store" / "models" / "gen-4b-q8_0"
+    assert json.loads((folder / "manifest.json").read_text())["source"]["revision"] == COMMIT
