@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Histogram
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edgeguard.server.errors import HTTPError, http_error
@@ -459,17 +459,17 @@ class _Answer:
         return _info(self.prompt, answer, action, self.first_flag, self.retries)
 
 
-class _EventStream(Response):
+class _EventStream(StreamingResponse):
     """A streamed response that also watches the client: a disconnect cancels the stream (and so
     the upstream request) at once, not at the next write."""
 
     def __init__(self, answer: _Answer):
-        super().__init__(None, media_type="text/event-stream")
+        super().__init__(answer.events(), media_type="text/event-stream")
         self.answer = answer
 
     async def __call__(self, scope, receive, send) -> None:
         async def pump():
-            events = self.answer.events()
+            events = self.body_iterator
             try:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 async for event in events:
@@ -490,6 +490,8 @@ class _EventStream(Response):
             for task in (writer, watcher):
                 task.cancel()
             await asyncio.gather(writer, watcher, return_exceptions=True)
+        if not writer.cancelled() and writer.exception() is not None:
+            raise writer.exception()  # type: ignore[misc]  # a bug: the app's 500 handler logs it
 
 
 async def _cancel(task: asyncio.Task) -> None:

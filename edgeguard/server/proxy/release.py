@@ -38,8 +38,8 @@ class Segment:
 def releasable(labels: Sequence[str], released: int, flagged_at: int | None, *, holdback: int, final: bool) -> int:
     """How many tokens may be released, given the labels of all judged tokens."""
     n = len(labels)
-    if flagged_at is not None:
-        return max(released, min(n, flagged_at - 1))
+    if flagged_at is not None:  # the pair starts at flagged_at - 1; held tokens before it are dropped
+        return max(released, min(n, flagged_at - 1) - holdback)
     if final:
         return n
     k = n - 1 if n and labels[-1] != "Safe" else n
