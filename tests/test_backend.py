@@ -201,17 +201,18 @@ def test_dummy_vocabulary_backbone_refuses_to_tokenize_instead_of_aborting(model
 
 def test_a_context_or_batch_smaller_than_the_sequences_is_refused(models):
     """llama.cpp reserves an output row per sequence in min(n_ctx, n_batch) and aborts the
-    process when they do not fit; the Backend refuses such a context before llama.cpp sees it."""
+    process when they do not fit (edgeguard adds one padding sequence); the Backend refuses such
+    a context before llama.cpp sees it."""
     with pytest.raises(UsageError, match="n_batch"):
-        Backend(models["full"], n_ctx=256, n_batch=4, n_seq=8)
+        Backend(models["full"], n_ctx=256, n_batch=8, n_seq=8)
     with pytest.raises(UsageError, match="n_ctx"):
         Backend(models["full"], n_ctx=8, n_batch=512, n_seq=16)
-    with Backend(models["full"], n_ctx=256, n_batch=8, n_seq=8) as be:
-        assert be.n_batch == 8
+    with Backend(models["full"], n_ctx=256, n_batch=9, n_seq=8) as be:
+        assert be.n_batch == 9
         with pytest.raises(UsageError, match="n_ctx"):
             be.reshape(n_ctx=4, n_batch=512, kv_type="f16", flash_attn=False)
-    with Backend(models["full"], n_ctx=16, n_batch=512, n_seq=16) as be:
-        assert be.n_ctx >= 16
+    with Backend(models["full"], n_ctx=17, n_batch=512, n_seq=16) as be:
+        assert be.n_ctx >= 17
 
 
 def test_out_of_range_token_ids_are_refused_not_rendered(models):
