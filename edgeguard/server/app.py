@@ -26,7 +26,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from edgeguard.errors import UsageError
 from edgeguard.policy import BUILTIN, decide
-from edgeguard.server import moderation
+from edgeguard.server import moderation, playground
 from edgeguard.server.clients import ClientWatch
 from edgeguard.server.errors import OUTCOME, HTTPError, ServerConfig, check_conversation, check_text, http_error
 from edgeguard.server.proxy import ProxyConfig
@@ -39,7 +39,7 @@ access_log = logging.getLogger("edgeguard.access")
 
 ENDPOINTS = ("/v1/moderations", "/v1/check", "/v1/stream", "/v1/models", "/health", "/ready", "/metrics",
              "/v1/chat/completions")
-OPEN_PATHS = ("/health", "/ready")  # probes answer without the API key: they tell nothing
+OPEN_PATHS = ("/health", "/ready", *playground.PATHS)  # no API key: they tell nothing (the page asks for it)
 
 
 class Metrics:
@@ -130,6 +130,25 @@ class State:
         pairs = [(args[0], args[1] if len(args) > 1 else None) for args in items]
         return await self.worker(guard).submit("check", items=pairs)
 
+    async def token_verdicts(self, prompt, response: str) -> list[dict]:
+        """The response's per-token lines (``edgeguard stream --json``), judged as
+        ``/v1/stream`` judges them; the check holds one stream slot while it runs."""
+        worker = self.stream_worker
+        assert worker is not None  # the caller picked the Stream guard
+        if self.live_streams >= self.max_streams:
+            raise HTTPError(503, f"all {self.max_streams} streams are busy; retry later", "too_many_streams",
+                            "server_error")
+        self.live_streams += 1
+        try:
+            live = await worker.submit("open", items=[prompt])
+            try:
+                report = await worker.submit("feed", stream=live, text=response, final=True)
+            finally:
+                await worker.submit("close", stream=live, bounded=False)
+        finally:
+            self.live_streams -= 1
+        return [v.to_dict() for v in report["verdicts"]]
+
 
 def _state(request) -> State:
     return request.app.state.edgeguard
@@ -207,8 +226,15 @@ async def check(request: Request) -> Response:
     data = await read_json(request, state.config.max_body)
     guard = state.pick(data.get("model"))
     args = conversation(data)
+    tokens = data.get("tokens", False)
+    if not isinstance(tokens, bool) or (tokens and (guard is not state.stream or len(args) != 2)):
+        raise HTTPError(400, "'tokens' (true or false) asks the Stream model for a 'prompt' and 'response' "
+                             "pair's per-token verdicts", "invalid_input")
     verdict = (await state.checks(guard, [args]))[0]
-    return JSONResponse(with_policy(verdict, data.get("policy")))
+    out = with_policy(verdict, data.get("policy"))
+    if tokens:
+        out["tokens"] = await state.token_verdicts(*args)
+    return JSONResponse(out)
 
 
 async def models(request: Request) -> Response:
@@ -286,6 +312,7 @@ def create_app(gen=None, stream=None, config: ServerConfig = ServerConfig(),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *playground.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: _not_found, 405: _not_allowed, 500: _server_error})
