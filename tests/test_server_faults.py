@@ -1,7 +1,7 @@
 """What hostile and careless clients do to a real `edgeguard serve` on loopback: frames that
 arrive in one TCP write, binary frames, failing `finish` frames, clients that leave mid-upload
-or mid-stream, half-sent requests, idle streams, and the API key offered as a WebSocket
-subprotocol (browsers cannot set headers). Frames are written with websockets' sans-I/O
+or mid-stream, half-sent request bodies and heads, idle streams, and the API key offered as a
+WebSocket subprotocol (browsers cannot set headers). Frames are written with websockets' sans-I/O
 protocol over a plain socket, so several frames really leave in one write before any answer
 is read; /metrics and the access log are read back to check the 499/408 outcomes."""
 
@@ -293,6 +293,138 @@ def test_a_stream_owed_answers_is_not_idle(server):
     events, code = together(server, [*frames, {"finish": True}])
     assert code == 1000 and events[-1]["event"] == "verdict"
 
+
+# -- request heads that never end (slowloris) -----------------------------------------------
+HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+
+
+def until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends until it closes the connection, and the seconds that took."""
+    t0 = time.monotonic()
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    return answer, time.monotonic() - t0
+
+
+def assert_head_408(answer: bytes) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
+
+
+def test_a_half_sent_head_times_out_with_408(server):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(HALF_HEAD)
+    answer, seconds = until_closed(sock)
+    assert TIMEOUT - 0.2 < seconds < TIMEOUT + 5
+    assert_head_408(answer)
+    assert any(re.search(r"- - 408 \d", line) for line in server.lines)
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    answer, seconds = until_closed(sock)
+    assert answer == b""  # nothing asked, nothing answered (browsers preconnect)
+    assert TIMEOUT - 0.2 < seconds < TIMEOUT + 5
+
+
+def test_a_head_sent_byte_by_byte_gets_no_more_time(server):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.settimeout(0.25)
+    head = HALF_HEAD + b"X-Long: " + b"a" * 1000
+    t0 = time.monotonic()
+    answer = b""
+    for i in range(len(head)):
+        try:
+            sock.sendall(head[i:i + 1])
+            chunk = sock.recv(4096)  # waits 0.25 s: one byte each 0.25 s at most
+        except TimeoutError:
+            continue
+        except OSError:  # reset: the server has closed
+            break
+        answer += chunk
+        if not chunk:
+            break
+    seconds = time.monotonic() - t0
+    assert TIMEOUT - 0.2 < seconds < TIMEOUT + 5
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_keep_alive_connections_and_slow_heads_that_end_still_work(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    for pause in (0, TIMEOUT + 0.5):  # idle between requests: uvicorn's keep-alive (5 s), not the head's clock
+        time.sleep(pause)
+        conn.request("GET", "/health")
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())
+        if pause == 0:
+            first = conn.sock
+    assert conn.sock is first  # one connection throughout
+    conn.close()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(HALF_HEAD)
+    time.sleep(TIMEOUT / 2)
+    sock.sendall(b"Connection: close\r\n\r\n")
+    answer, _ = until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_stream_outlives_the_head_timeout(server):
+    ws = RawStream(server.port)
+    ws.send({"prompt": PROMPT})
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < TIMEOUT + 1:
+        ws.send({"text": " and more"})
+        ws.quiet(0.5)  # frames within --idle-timeout
+    ws.send({"finish": True})
+    events, code = ws.events()
+    assert code == 1000 and events[-1]["event"] == "verdict"
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_both_uvicorn_parsers_time_out_heads(parser):
+    """uvicorn's h11 protocol is the one `edgeguard serve` runs where httptools is missing: the
+    same cases on a bare uvicorn with a stand-in app."""
+    import threading
+
+    import uvicorn
+
+    from edgeguard.server.slow_clients import H11HeadTimeout, httptools_head_timeout
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    base = H11HeadTimeout if parser == "h11" else httptools_head_timeout()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, http=type("Protocol", (base,), {"head_timeout": 1.0}),
+                                       lifespan="off", log_level="warning", timeout_keep_alive=5))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: uv.started, 30)
+        half, silent, kept = (socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3))
+        half.sendall(HALF_HEAD)
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).endswith(b"\r\n\r\nok")
+        time.sleep(1.5)  # past the head timeout, within keep-alive
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).endswith(b"\r\n\r\nok")
+        kept.sendall(b"GET / HTTP/1.1\r\n")  # a head begun after an answer has its own clock
+        for sock, want in ((half, True), (silent, False), (kept, True)):
+            answer, _ = until_closed(sock)
+            if want:
+                assert_head_408(answer)
+            else:
+                assert answer == b""
+    finally:
+        uv.should_exit = True
+        thread.join(30)
 
 # -- the API key from a browser -------------------------------------------------------------
 def test_api_key_as_a_websocket_subprotocol(server):

@@ -86,7 +86,7 @@ def _access_log() -> None:
 @click.option("--holdback", type=click.IntRange(min=0), default=0, show_default=True,
               help="Judged tokens held back beyond what the debounce needs (room for CARE).")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
-              help="Seconds a request's body may take to arrive (more: 408).")
+              help="Seconds a request's headers, then its body, may take to arrive (more: 408).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
               help="Seconds a WebSocket stream may wait for its client's next frame (more: closed).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per engine (default: all).")
@@ -108,6 +108,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         import uvicorn
 
         from edgeguard.server.app import ServerConfig, create_app
+        from edgeguard.server.slow_clients import http_protocol
     except ImportError as e:
         click.echo(f"edgeguard: error: `edgeguard serve` needs the server extra ({e.name} is missing): "
                    f"{INSTALL_HINT}", err=True)
@@ -134,7 +135,8 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         click.echo(f"edgeguard: serving on http://{shown}:{sock.getsockname()[1]} ({names})", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=False,
                                                lifespan="on", timeout_graceful_shutdown=30,
-                                               ws_max_size=max_body))
+                                               ws_max_size=max_body,
+                                               http=http_protocol(request_timeout)))  # 408 for half-sent heads too
         # uvicorn handles SIGTERM/SIGINT (and Ctrl+Break's SIGBREAK on Windows: drain, then shut
         # down) and re-raises the signal after restoring the handlers it found: these make that
         # last step a clean exit 0.
