@@ -27,7 +27,7 @@ HISTORY_IN_NAMES = re.compile(HISTORY.pattern + r"|(session|round)[-_ ]?[0-9]", 
 PRUNED = {".git", ".venv", ".cache", ".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__",
           "build", "node_modules"}
 # Links to pages that land with a feature being built beside this one.
-PENDING = {DOCS / "proxy.md"}
+PENDING: set = set()
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)

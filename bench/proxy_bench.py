@@ -1,0 +1,192 @@
+"""`edgeguard serve --upstream` against its upstream, measured in the same run.
+
+    python bench/proxy_bench.py            # tiny test fixtures (seconds)
+    python bench/proxy_bench.py --full     # random weights of the real 0.6B shape (built once)
+
+1. A scripted upstream (tests/fixtures/upstream.py) streams a safe answer of ``--tokens`` words
+   at ``--rate`` words per second, read directly and through the proxy (Stream model as the
+   guard). Ratios: total time (target <= 1.10x), time to first token (target: the upstream's
+   plus one prompt check), largest gap between chunks (target: one Stream step plus the
+   upstream's own gap).
+2. llama-cpp-python's server runs an LLM (the random Gen GGUF) on the same cores as the guard:
+   tokens per second read directly and through the proxy, with the threads each side gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SAFE = "Stir the soup slowly. Put the seeds into warm soil. Start by reading the manual. "
+
+
+def timed_stream(url: str, body: dict) -> dict:
+    """Read one streamed chat completion: total, first content chunk, largest gap (seconds)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    stamps, text = [], []
+    with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            piece = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+            if piece:
+                stamps.append(time.perf_counter() - t0)
+                text.append(piece)
+    total = time.perf_counter() - t0
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"total_s": total, "ttft_s": stamps[0] if stamps else None, "max_gap_s": max(gaps, default=0.0),
+            "chunks": len(stamps), "chars": len("".join(text))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{url} did not come up") from None
+            time.sleep(0.2)
+
+
+def allow_all() -> str:
+    """A policy that flags nothing: random weights flag at random, and a flag would end the
+    answer early. Every token is still judged and released by the same rule."""
+    from edgeguard.policy import KNOWN_CATEGORIES
+
+    path = REPO / ".cache" / "bench" / "proxy-allow-all.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[policy]\nname = \"allow-all\"\n[categories]\n"
+                    + "".join(f'"{c}" = "allow"\n' for c in KNOWN_CATEGORIES))
+    return str(path)
+
+
+def start_proxy(stream_model: str, upstream: str, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgeguard", "serve", "--stream-model", stream_model,
+                             "--upstream", upstream, "--port", str(port), "--threads", str(threads),
+                             "--policy", allow_all()],
+                            cwd=REPO, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/ready", proc)
+    return proc, f"{url}/v1"
+
+
+def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: int) -> dict:
+    from tests.fixtures.upstream import Reply, ScriptedUpstream, words
+
+    answer = words(SAFE * (tokens // 12 + 1))[:tokens]
+    body = {"model": "llm", "messages": [{"role": "user", "content": "How do I bake a lemon cake?"}]}
+    with ScriptedUpstream(lambda b: Reply(answer, delay=1.0 / rate)) as up:
+        proc, proxy = start_proxy(stream_model, up.url, threads)
+        try:
+            timed_stream(proxy, body)  # warm
+            direct = [timed_stream(up.url, body) for _ in range(runs)]
+            guarded = [timed_stream(proxy, body) for _ in range(runs)]
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    best = {k: min(r[k] for r in direct) for k in ("total_s", "ttft_s", "max_gap_s")}
+    ours = {k: min(r[k] for r in guarded) for k in ("total_s", "ttft_s", "max_gap_s")}
+    return {"tokens": tokens, "rate": rate, "direct": best, "proxy": ours,
+            "total_ratio": ours["total_s"] / best["total_s"],
+            "ttft_added_ms": (ours["ttft_s"] - best["ttft_s"]) * 1e3,
+            "max_gap_added_ms": (ours["max_gap_s"] - best["max_gap_s"]) * 1e3,
+            "same_text": guarded[0]["chars"] == direct[0]["chars"]}
+
+
+def shared_cores(llm_gguf: str, stream_model: str, llm_threads: int, guard_threads: int, max_tokens: int,
+                 ends: tuple[int, ...]) -> dict:
+    port = free_port()
+    llm = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", llm_gguf, "--host", "127.0.0.1",
+                            "--port", str(port), "--n_threads", str(llm_threads), "--n_ctx", "2048"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    upstream = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_http(f"{upstream}/models", llm)
+        proc, proxy = start_proxy(stream_model, upstream, guard_threads)
+        body = {"model": "llm", "messages": [{"role": "user", "content": "Write a story about a dragon."}],
+                "max_tokens": max_tokens, "temperature": 100.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": 1,
+                "logit_bias": {str(t): -100 for t in ends}}  # a random model must not end early
+        try:
+            timed_stream(proxy, body)
+            direct = timed_stream(upstream, body)
+            guarded = timed_stream(proxy, body)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    finally:
+        llm.terminate()
+        llm.wait(60)
+    tokens = direct["chunks"]  # llama-cpp-python sends one token a chunk; the proxy regroups them
+    return {"llm_threads": llm_threads, "guard_threads": guard_threads, "tokens": tokens,
+            "direct_tok_s": tokens / direct["total_s"], "proxy_tok_s": tokens / guarded["total_s"],
+            "ratio": direct["total_s"] / guarded["total_s"], "same_text": direct["chars"] == guarded["chars"]}
+
+
+def models(full: bool) -> tuple[str, str, tuple[int, ...]]:
+    """(Stream model folder, LLM GGUF, the LLM's end-of-text token ids)."""
+    if full:
+        from bench.models import gen_model, gguf_path, stream_model
+
+        return (str(stream_model(only=("q4_k_m",))), str(gguf_path(gen_model(only=("q4_k_m",)), "q4_k_m")),
+                (151643, 151645))
+    from tests.fixtures.checkpoints import build_checkpoint
+    from tests.fixtures.converted import converted
+    from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
+
+    llm = REPO / ".cache" / "bench" / "proxy-llm.gguf"
+    llm.parent.mkdir(parents=True, exist_ok=True)
+    if not llm.exists():
+        write_random_qwen3_gguf(llm, n_vocab=600, head_dim=32, ffn=256, seed=3, chat_template=TEMPLATE)
+    return str(converted(build_checkpoint("stream", seed=2), ("f16",))), str(llm), (597, 598, 599)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the real 0.6B shape (Q4_K_M)")
+    parser.add_argument("--tokens", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=40.0, help="upstream words per second")
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="guard threads (part 1)")
+    parser.add_argument("--llm-tokens", type=int, default=120)
+    parser.add_argument("--skip-llm", action="store_true")
+    args = parser.parse_args()
+    stream_model, llm, ends = models(args.full)
+    out = {"model": "full 0.6B Q4_K_M" if args.full else "tiny fixtures", "cores": os.cpu_count(),
+           "scripted": scripted(stream_model, args.tokens, args.rate, args.threads, args.runs)}
+    if not args.skip_llm:
+        cores = os.cpu_count() or 1
+        out["shared_cores"] = [shared_cores(llm, stream_model, cores, cores, args.llm_tokens, ends)]
+        if cores > 1:
+            half = max(1, cores // 2)
+            out["shared_cores"].append(shared_cores(llm, stream_model, cores - half, half, args.llm_tokens, ends))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
