@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from edgeguard.errors import ConversionError
 from edgeguard.models.formats import CHECKPOINT_FILES
@@ -55,12 +58,22 @@ class Checkpoint:
     tensors: dict[str, TensorRecord]
     labels: dict[str, list[str]] = field(default_factory=dict)  # stream label maps, index order
 
-    @property
+    @cached_property
     def has_lm_head(self) -> bool:
-        """Whether the model projects to the vocabulary with its own lm_head: an untied Gen
-        model. With tie_word_embeddings the embedding is the projection (as in transformers),
-        and a stored lm_head copy is not written; Stream has no projection at all."""
-        return self.kind == "gen" and not self.hyper.tied
+        """Whether the GGUF needs its own output projection: a Gen model with an lm_head that
+        is not the embedding (untied, or stored with other values, which transformers then uses
+        as it is). A stored exact copy of the embedding is not written twice; Stream never
+        projects to the vocabulary."""
+        if self.kind != "gen" or "lm_head.weight" not in self.tensors:
+            return False
+        if not self.hyper.tied:
+            return True
+        head, embd = self.tensors["lm_head.weight"], self.tensors["model.embed_tokens.weight"]
+        if head.dtype != embd.dtype:
+            return True
+        step = max(1, (1 << 24) // max(1, head.nbytes // head.shape[0]))
+        a, b = head.load_raw(), embd.load_raw()
+        return any(not np.array_equal(a[i:i + step], b[i:i + step]) for i in range(0, head.shape[0], step))
 
 
 def _int(config: dict, key: str, default=None) -> int:

@@ -212,3 +212,42 @@ def test_sizing_predicts_the_converted_files(kind, size):
         actual = (folder / manifest.file_for("model", quant)).stat().st_size + extra
         predicted = footprint(shape, kind, quant).disk_bytes
         assert abs(predicted - actual) <= 0.01 * actual, (quant, predicted, actual)
+
+
+def test_stored_lm_head_copy_is_not_written_twice(gen_ckpt, tmp_path):
+    """A tied Gen checkpoint that also stores lm_head as an exact copy of the embedding
+    converts to the same GGUF as one without it."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "with-copy"
+    shutil.copytree(gen_ckpt, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    outs = [convert(src, tmp_path / f"out-{i}", ConvertOptions(quants=("f16",), name="same"))
+            for i, src in enumerate((gen_ckpt, copy))]
+    assert outs[0].files[next(iter(outs[0].files))]["sha256"] == outs[1].files[next(iter(outs[1].files))]["sha256"]
+    assert "output.weight" not in _tensor_names(gguf(tmp_path / "out-1", "f16"))
+
+
+def test_stored_lm_head_that_differs_is_the_projection(tmp_path):
+    """Tied in config.json, but a stored lm_head with its own values: transformers projects with
+    it, and so does the converted model."""
+    ckpt = build_sized_checkpoint("gen", "4b-shaped", shards=1, lm_head=True)
+    folder = tmp_path / "out"
+    convert(ckpt, folder, ConvertOptions(quants=("f16",)))
+    assert "output.weight" in _tensor_names(gguf(folder, "f16"))
+    model = oracle.load_torch(ckpt)
+    ids = hf_ids(ckpt, TEXT)
+    expected = oracle.next_token_logits(model, ids)
+    with Backend(gguf(folder, "f16"), n_ctx=256, mode="logits") as be:
+        got = be.eval(ids, outputs=range(len(ids)))
+    assert rel_err(got, expected) < TOLERANCE["f16"]
+
+
+def test_stream_ignores_a_stored_lm_head(tmp_path):
+    ckpt = build_sized_checkpoint("stream", "8b-shaped", shards=1, lm_head=True)
+    assert "lm_head.weight" in load_checkpoint(ckpt).tensors
+    folder = tmp_path / "out"
+    convert(ckpt, folder, ConvertOptions(quants=("f16",)))
+    assert "output.weight" not in _tensor_names(gguf(folder, "f16"))
