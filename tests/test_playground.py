@@ -10,6 +10,7 @@ mode's final state with the one-shot state. Screenshots of each state go to the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,11 @@ def key_server(stream_model, cache_env):
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
+    """Where each state's screenshot goes: the pytest tmp dir, or $EDGEGUARD_SCREENSHOTS."""
+    chosen = os.environ.get("EDGEGUARD_SCREENSHOTS")
+    if chosen:
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+        return Path(chosen)
     return tmp_path_factory.mktemp("playground-screenshots")
 
 
@@ -285,17 +291,16 @@ def test_api_key_is_asked_once_and_kept_in_the_tab(browser, key_server, shots):
     by_id(browser, "key-save").click()
     WebDriverWait(browser, 30).until(lambda d: not by_id(d, "check").get_property("disabled"))
     assert not by_id(browser, "key-form").is_displayed()
-    # /v1/stream takes the key only as a header, which browsers cannot send: live is off, and says so.
-    assert by_id(browser, "live").get_property("disabled") and by_id(browser, "live-note").is_displayed()
-
-    fill(browser, PROMPT, RESPONSE)
-    assert run_check(browser) == "done"
-    browser.save_screenshot(str(shots / "api-key.png"))
-    shown = page_state(browser)
     status, _, want = key_server.post("/v1/check", {"prompt": PROMPT, "response": RESPONSE, "tokens": True},
                                       headers={"Authorization": f"Bearer {KEY}"})
-    assert status == 200 and shown["verdict"] == want["label"] == "Unsafe"
-    assert [t["label"] for t in shown["tokens"]] == [t["label"] for t in want["tokens"]]
+    assert status == 200 and want["label"] == "Unsafe"
+    for live in (False, True):  # live: the key goes to /v1/stream as a WebSocket subprotocol
+        fill(browser, PROMPT, RESPONSE, live=live)
+        assert run_check(browser) == "done"
+        browser.save_screenshot(str(shots / f"api-key-{'live' if live else 'one-shot'}.png"))
+        shown = page_state(browser)
+        assert shown["verdict"] == want["label"] and shown["flagged"] == [want["flagged_at"]]
+        assert [t["label"] for t in shown["tokens"]] == [t["label"] for t in want["tokens"]]
     assert browser.execute_script("return [sessionStorage.length, localStorage.length]") == [1, 0]
     browser.refresh()  # the same tab: not asked again
     open_page(browser, key_server.url + "/")

@@ -7,6 +7,9 @@ const LABELS = ["Safe", "Controversial", "Unsafe"];
 const KEY_STORE = "edgeguard-api-key"; // sessionStorage: the key lives in this tab only
 const LIVE_CHUNK = 4; // code points per /v1/stream text frame in live mode
 const LIVE_DELAY_MS = 20; // between frames, so the colors arrive as a generation's would
+// Browsers cannot set headers on a WebSocket: /v1/stream takes the key as the subprotocol
+// "bearer.<key>" (offered next to "edgeguard"), which allows only HTTP token characters.
+const SUBPROTOCOL_KEY = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
 const $ = (id) => document.getElementById(id);
 const state = { gen: null, stream: null, keyNeeded: false };
@@ -79,16 +82,21 @@ $("key-form").addEventListener("submit", (event) => {
 // -- what the server runs ---------------------------------------------------------------
 async function start() {
   try {
+    // /ready names the loaded guards (with --upstream, /v1/models lists the upstream's models).
+    const ready = await fetch("/ready").then((r) => r.json());
     // Without the key first: a 401 tells that the server has one, whatever this tab holds.
-    await api("GET", "/v1/models", undefined, false).then(useModels, async (e) => {
-      if (e.status !== 401) throw e;
-      state.keyNeeded = true;
+    const probe = await fetch("/v1/models");
+    state.keyNeeded = probe.status === 401;
+    if (state.keyNeeded) {
       if (apiKey() === null) {
         askForKey("This server needs its API key (--api-key). It stays in this tab only.");
         return;
       }
-      useModels(await api("GET", "/v1/models"));
-    });
+      await api("GET", "/v1/models").catch((e) => {
+        if (e.status === 401) throw e; // anything else is the upstream's business, not the key's
+      });
+    }
+    useModels(ready.models);
   } catch (e) {
     if (e.status === 401) {
       sessionStorage.removeItem(KEY_STORE);
@@ -99,8 +107,9 @@ async function start() {
   }
 }
 
-function useModels(list) {
-  for (const m of list.data) state[m.engine] = m.id;
+function useModels(models) {
+  state.gen = models.gen || null;
+  state.stream = models.stream || null;
   const names = [];
   if (state.gen) names.push(`Gen: ${state.gen}`);
   if (state.stream) names.push(`Stream: ${state.stream}`);
@@ -111,11 +120,10 @@ function useModels(list) {
   const note = $("live-note");
   if (!state.stream) {
     note.textContent = "Live mode needs a Stream model (edgeguard serve --stream-model).";
-  } else if (state.keyNeeded) {
-    // Browsers cannot set an Authorization header on a WebSocket, and /v1/stream takes the key
-    // only there: with a key, the one-shot check still shows every token's verdict.
-    note.textContent = "Live mode is off: this server needs an API key, and /v1/stream takes it only in " +
-      "an Authorization header, which a browser cannot send on a WebSocket. Check shows the same per-token verdicts.";
+  } else if (state.keyNeeded && !SUBPROTOCOL_KEY.test(apiKey())) {
+    note.textContent = "Live mode is off: a browser sends the API key to /v1/stream as a WebSocket " +
+      "subprotocol, which allows only letters, digits and !#$%&'*+-.^_`|~. Check shows the same per-token verdicts.";
+    $("live").disabled = true;
   } else {
     note.textContent = "";
     $("live").disabled = false;
@@ -202,7 +210,7 @@ function liveStream(prompt, response) {
   return new Promise((resolve, reject) => {
     const url = new URL("/v1/stream", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(url);
+    const ws = new WebSocket(url, state.keyNeeded ? ["edgeguard", "bearer." + apiKey()] : ["edgeguard"]);
     let final = null;
     let count = 0;
     let failure = null;
