@@ -165,3 +165,54 @@ def test_no_model_config_aborts_the_process(head_dim, tmp_path):
             assert out.startswith("ok"), (head_dim, kv, out)
         else:
             assert out.startswith("refused UsageError") and f"hold {head_dim}" in out, out
+
+
+def _numbers(line: dict) -> list[float]:
+    return [*line.get("scores", {}).values(), *line.get("category_scores", {}).values()]
+
+
+def _decisions(line: dict) -> tuple:
+    return tuple(line.get(k) for k in ("label", "categories", "flagged", "refusal", "token", "index"))
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_server_concurrent_clients_equal_sequential(tmp_path, gen_ckpt, stream_ckpt):
+    """A real ``edgeguard serve`` (F16 Gen and Stream models): 8 clients at once, each with a Gen
+    check and a live stream, get the scores a sequential run of the same inputs gets, within the
+    F16 bound, with the same labels, categories and flags (the server batches concurrent checks
+    into one ``check_many`` and concurrent streams' tokens into one decode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_server import Server
+    from tests.test_server_stream import chunks, run
+
+    gen, stream = converted(gen_ckpt, ("f16",)), converted(stream_ckpt, ("f16",))
+    srv = Server("--model", str(gen), "--stream-model", str(stream), "--max-streams", "8",
+                 env={"EDGEGUARD_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        checks = [{"prompt": x[0], "response": x[1]} if isinstance(x, tuple) else {"prompt": x} for x in ITEMS]
+        streams = [(PROMPTS[i], chunks(RESPONSE[i * 9:] + RESPONSE[: i * 9], 6)) for i in range(8)]
+
+        def client(i: int) -> tuple[dict, list[dict]]:
+            status, _, verdict = srv.post("/v1/check", checks[i])
+            assert status == 200, verdict
+            events, code = run(srv, streams[i][1] + [{"finish": True}], first={"prompt": streams[i][0]})
+            assert code == 1000, events[-1]
+            return verdict, [e for e in events if e.get("event") in (None, "prompt", "verdict")]
+
+        sequential = [client(i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(client, range(8)))
+    finally:
+        assert srv.stop() == 0, srv.stderr
+    apart = 0.0
+    for (want_check, want_lines), (got_check, got_lines) in zip(sequential, concurrent):
+        assert _decisions(got_check) == _decisions(want_check)
+        apart = max(apart, _apart([_numbers(got_check)], [_numbers(want_check)]))
+        assert len(got_lines) == len(want_lines)
+        for got, want in zip(got_lines, want_lines):
+            assert _decisions(got) == _decisions(want), (got, want)
+            apart = max(apart, _apart([_numbers(got)], [_numbers(want)]))
+    print(f"server, 8 concurrent clients vs sequential: {apart:.2e}")
+    assert apart <= BOUND["f16"], apart
