@@ -305,3 +305,68 @@ def test_api_key_is_asked_once_and_kept_in_the_tab(browser, key_server, shots):
     browser.refresh()  # the same tab: not asked again
     open_page(browser, key_server.url + "/")
     assert not by_id(browser, "key-form").is_displayed()
+
+
+# -- the chat box, with --upstream ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def upstream():
+    from tests.fixtures.upstream import Reply, ScriptedUpstream, words
+
+    with ScriptedUpstream(lambda body: Reply(words(RESPONSE), delay=0.01)) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def proxy_server(stream_model, upstream, cache_env):
+    srv = Server("--stream-model", stream_model, "--upstream", upstream.url, env=cache_env)
+    yield srv
+    assert srv.stop() == 0, srv.stderr
+
+
+def streamed_chat(server: Server, messages: list) -> tuple[str, str, dict]:
+    """(released content, refusal text, edgeguard object) of one streamed chat through the proxy."""
+    status, _, body = server.post("/v1/chat/completions", {"model": "scripted-llm", "messages": messages,
+                                                           "stream": True})
+    assert status == 200, body
+    content, refusal, info = "", "", None
+    for line in body.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[len("data: "):])
+        info = chunk.get("edgeguard", info)
+        for choice in chunk.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content") or ""
+            if choice.get("finish_reason") == "content_filter":
+                refusal += piece
+            else:
+                content += piece
+    return content, refusal, info
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@needs_chromium
+def test_chat_box_shows_where_the_proxy_cut(browser, proxy_server, server, shots):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, server.url + "/")  # no --upstream: no chat box
+    assert not by_id(browser, "chat").is_displayed()
+
+    open_page(browser, proxy_server.url + "/")
+    WebDriverWait(browser, 30).until(lambda d: by_id(d, "chat").is_displayed())
+    by_id(browser, "chat-input").send_keys(PROMPT)
+    by_id(browser, "chat-send").click()
+    answer = "#chat-log .message[data-role=assistant][data-state=done]"
+    WebDriverWait(browser, 90).until(lambda d: d.find_elements(By.CSS_SELECTOR, answer))
+    browser.save_screenshot(str(shots / "chat-cut.png"))
+    shown = browser.execute_script(f"""
+        const m = document.querySelector('{answer}');
+        const text = (s) => (m.querySelector(s) || {{textContent: null}}).textContent;
+        return {{action: m.dataset.action, released: text('.released'), refusal: text('.refusal'),
+                 note: text('.guard-note')}};""")
+    content, refusal, info = streamed_chat(proxy_server, [{"role": "user", "content": PROMPT}])
+    assert info["action"] == shown["action"] == "cut"
+    assert shown["released"] == content and shown["refusal"] == refusal and refusal
+    assert RESPONSE.startswith(content) and len(content) < len(RESPONSE)
+    assert f"at token {info['flagged_at']}" in shown["note"]

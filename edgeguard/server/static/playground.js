@@ -12,7 +12,7 @@ const LIVE_DELAY_MS = 20; // between frames, so the colors arrive as a generatio
 const SUBPROTOCOL_KEY = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
 const $ = (id) => document.getElementById(id);
-const state = { gen: null, stream: null, keyNeeded: false };
+const state = { gen: null, stream: null, keyNeeded: false, upstreamModel: null, chat: [] };
 
 function apiKey() {
   return sessionStorage.getItem(KEY_STORE);
@@ -87,16 +87,21 @@ async function start() {
     // Without the key first: a 401 tells that the server has one, whatever this tab holds.
     const probe = await fetch("/v1/models");
     state.keyNeeded = probe.status === 401;
-    if (state.keyNeeded) {
+    let list = null;
+    if (!state.keyNeeded) {
+      list = probe.ok ? await probe.json() : null;
+    } else {
       if (apiKey() === null) {
         askForKey("This server needs its API key (--api-key). It stays in this tab only.");
         return;
       }
-      await api("GET", "/v1/models").catch((e) => {
+      list = await api("GET", "/v1/models").catch((e) => {
         if (e.status === 401) throw e; // anything else is the upstream's business, not the key's
+        return null;
       });
     }
     useModels(ready.models);
+    useUpstream(list);
   } catch (e) {
     if (e.status === 401) {
       sessionStorage.removeItem(KEY_STORE);
@@ -129,6 +134,15 @@ function useModels(models) {
     $("live").disabled = false;
   }
   note.hidden = !note.textContent;
+}
+
+// With --upstream, /v1/models lists the upstream's models: the chat box talks to the first.
+function useUpstream(list) {
+  const theirs = ((list && list.data) || []).filter((m) => m.owned_by !== "edgeguard");
+  if (!theirs.length) return;
+  state.upstreamModel = theirs[0].id;
+  $("chat-upstream").textContent = `model: ${state.upstreamModel}`;
+  $("chat").hidden = false;
 }
 
 // -- rendering --------------------------------------------------------------------------
@@ -301,5 +315,103 @@ async function check() {
   }
 }
 
+// -- chat through the proxy ---------------------------------------------------------------
+function chatMessage(role, text) {
+  const el = element("div", text, { class: "message", "data-role": role });
+  $("chat-log").append(el);
+  return el;
+}
+
+// What the guard did with an answer, from the `edgeguard` object of its last chunk.
+function guardNote(info) {
+  const answer = info.answer || {};
+  const what = answer.label ? `${answer.label}${answer.category ? " (" + answer.category + ")" : ""}` : "";
+  if (info.action === "block") return `the prompt was refused: ${info.prompt.label}`;
+  if (info.action === "cut") return `cut: ${what} at token ${info.flagged_at}; the upstream was stopped`;
+  if (info.action === "care") return `continued after a flag at token ${info.flagged_at} ` +
+    `(${info.care_retries} continuation${info.care_retries === 1 ? "" : "s"}); the final answer is ${what}`;
+  return `judged ${what || "Safe"}, released as it came`;
+}
+
+// Reads an SSE body: calls onEvent with each `data:` payload, parsed.
+async function readEvents(body, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer = (buffer + value).replace(/\r\n/g, "\n");
+    let at;
+    while ((at = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, at);
+      buffer = buffer.slice(at + 2);
+      for (const line of event.split("\n")) {
+        const data = line.startsWith("data:") ? line.slice(5).trim() : null;
+        if (data && data !== "[DONE]") onEvent(JSON.parse(data));
+      }
+    }
+  }
+}
+
+async function chatSend() {
+  const text = $("chat-input").value;
+  if (!text.trim()) return;
+  $("chat-input").value = "";
+  $("chat-send").disabled = true;
+  state.chat.push({ role: "user", content: text });
+  chatMessage("user", text);
+  const bubble = chatMessage("assistant", "");
+  bubble.dataset.state = "pending";
+  const released = element("span", "", { class: "released" });
+  bubble.append(released);
+  let content = "";
+  let refusal = null;
+  let info = null;
+  try {
+    const headers = { "Content-Type": "application/json" };
+    if (state.keyNeeded) headers["Authorization"] = "Bearer " + apiKey();
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers,
+      body: JSON.stringify({ model: state.upstreamModel, messages: state.chat, stream: true }),
+    });
+    if (!r.ok) {
+      const data = await r.json().catch(() => null);
+      throw new Error(`/v1/chat/completions: ${data && data.error ? data.error.message : "HTTP " + r.status}`);
+    }
+    await readEvents(r.body, (chunk) => {
+      if (chunk.error) throw new Error(`/v1/chat/completions: ${chunk.error.message}`);
+      if (chunk.edgeguard) info = chunk.edgeguard;
+      const choice = (chunk.choices || [])[0];
+      if (!choice) return;
+      const piece = (choice.delta && choice.delta.content) || "";
+      if (choice.finish_reason === "content_filter") {
+        refusal = (refusal || "") + piece; // the refusal text, where the guard stopped the answer
+      } else {
+        content += piece;
+        released.textContent = content;
+      }
+    });
+    if (refusal !== null && info && info.action !== "care") {
+      bubble.append(element("span", " ✂ ", { class: "cut-mark", title: "where the guard cut the answer" }),
+        element("span", refusal, { class: "refusal" }));
+    }
+    if (info) bubble.append(element("span", guardNote(info), { class: "guard-note" }));
+    bubble.dataset.action = info ? info.action : "none";
+    state.chat.push({ role: "assistant", content: content + (refusal || "") });
+  } catch (e) {
+    bubble.dataset.action = "error";
+    bubble.append(element("span", String(e.message || e), { class: "guard-note" }));
+    state.chat.pop();
+  } finally {
+    bubble.dataset.state = "done";
+    $("chat-send").disabled = false;
+  }
+}
+
+$("chat-send").addEventListener("click", chatSend);
+$("chat-new").addEventListener("click", () => {
+  state.chat = [];
+  $("chat-log").replaceChildren();
+});
 $("check").addEventListener("click", check);
 start();
