@@ -315,3 +315,15 @@ def test_download_of_a_sharded_checkpoint(online, monkeypatch):
     FakeHub.requests = []
     assert hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES), progress=False) == (folder, COMMIT)
     assert FakeHub.requests == []
+
+
+def test_shard_digests_are_verified_after_the_shards_arrive(offline_cache):
+    build_cache(offline_cache, SHARDED)
+    shard = "model-00002-of-00002.safetensors"
+    good = spec(files=SHARDED_SPEC_FILES, sha256={shard: sha(SHARDED[shard])})
+    assert hub.fetch_checkpoint(good, progress=False)[1] == COMMIT
+    with pytest.raises(IntegrityError, match=shard):
+        hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES, sha256={shard: "0" * 64}), progress=False)
+    with pytest.raises(IntegrityError, match="does not name"):
+        hub.fetch_checkpoint(spec(files=SHARDED_SPEC_FILES, sha256={"model-00009-of-00009.safetensors": "0" * 64}),
+                             progress=False)

@@ -273,3 +273,10 @@ def test_sharded_entry_needs_weights_or_index():
     assert spec(files=files).files == tuple(files)
     with pytest.raises(UsageError, match="index"):
         spec(files=files[:1] + files[2:])
+
+
+def test_sharded_entry_may_pin_shard_digests():
+    files = ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+    assert spec(files=files, sha256={"model-00001-of-00002.safetensors": "a" * 64}).sha256
+    with pytest.raises(UsageError, match="sha256"):
+        spec(sha256={"model-00001-of-00002.safetensors": "a" * 64})  # not sharded

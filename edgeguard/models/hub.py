@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,11 +85,12 @@ def fetch_checkpoint(
     wanted = _Wanted(spec.repo, spec.revision, spec.files, spec.files,
                      what=f"model {spec.name!r}", retry=f"edgeguard pull {spec.name}")
     folder = _fetch(wanted, offline=offline, progress=progress, hf_cache=hf_cache)
-    verify_checkpoint(spec, folder)
+    verify_checkpoint(spec, folder, spec.files)
     if SHARD_INDEX in spec.files:  # then the shards it names, at the commit just resolved
         shards = shard_names(folder / SHARD_INDEX, wanted.what)
         wanted = _Wanted(spec.repo, folder.name, shards, shards, what=wanted.what, retry=wanted.retry)
         folder = _fetch(wanted, offline=offline, progress=progress, hf_cache=hf_cache)
+        verify_checkpoint(spec, folder, [f for f in spec.sha256 if f not in spec.files])
     return folder, folder.name
 
 
@@ -132,10 +134,17 @@ CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
 REQUIRED_CHECKPOINT_FILES = CHECKPOINT_FILES
 
 
-def verify_checkpoint(spec: ModelSpec, folder: str | os.PathLike[str]) -> None:
-    """IntegrityError naming the first file whose sha256 differs from the registry's."""
+def verify_checkpoint(spec: ModelSpec, folder: str | os.PathLike[str],
+                      files: Collection[str] | None = None) -> None:
+    """IntegrityError naming the first file (of ``files``, default all) whose sha256 differs
+    from the registry's, or that is missing (a shard digest for a shard the index does not name)."""
     for file, expected in spec.sha256.items():
+        if files is not None and file not in files:
+            continue
         path = Path(folder) / file
+        if not path.is_file():
+            raise IntegrityError(f"{path}: the registry entry {spec.name!r} has a sha256 for {file}, "
+                                 f"which its {SHARD_INDEX} does not name")
         actual = sha256_file(path)
         if actual != expected:
             raise IntegrityError(

@@ -99,8 +99,10 @@ class ModelSpec:
         self._require(isinstance(self.sha256, Mapping), "sha256", "must be a table")
         digests = {}
         for file, digest in self.sha256.items():
-            self._require(file in self.files, "sha256",
-                          f"names {file!r}, which is not in files")
+            shard = SHARD_INDEX in self.files and isinstance(file, str) and file.endswith(".safetensors") \
+                and "/" not in file
+            self._require(file in self.files or shard, "sha256",
+                          f"names {file!r}, which is not in files (nor a shard of a sharded entry)")
             self._require(isinstance(digest, str) and bool(_SHA256.fullmatch(digest.lower())),
                           "sha256", f"entry {file!r} must be 64 hex digits")
             digests[file] = digest.lower()
