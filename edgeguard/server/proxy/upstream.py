@@ -1,5 +1,6 @@
-"""The upstream LLM server, over one shared ``httpx.AsyncClient``: chat requests (streamed or
-not), the model list, and the one-time probe of whether it continues an assistant message.
+"""The upstream LLM server, over one shared ``httpx.AsyncClient``: chat requests (streamed, or
+a whole answer read with a size cap), the model list, and the one-time probe of whether it
+continues an assistant message.
 
 Errors become the proxy's answers: unreachable -> 502, no answer within ``upstream_timeout`` ->
 504, both in OpenAI's error shape; an upstream 4xx/5xx is passed through as it came.
@@ -7,6 +8,7 @@ Errors become the proxy's answers: unreachable -> 502, no answer within ``upstre
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -66,6 +68,29 @@ class Upstream:
             raise UpstreamStatus(response.status_code, raw[: 1 << 20],
                                  response.headers.get("content-type", "application/json"))
         return response
+
+    async def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A chat request's whole (not streamed) answer object, at most ``max_event`` bytes;
+        anything else is a 502 ``upstream_invalid``."""
+        response = await self.open_chat(body)
+        try:
+            raw = bytearray()
+            async for part in response.aiter_bytes():
+                raw += part
+                if len(raw) > self.config.max_event:
+                    raise HTTPError(502, f"the upstream's answer is larger than {self.config.max_event} bytes",
+                                    "upstream_invalid", "server_error")
+        except httpx.HTTPError as e:
+            raise unreachable(e, self.config.base) from e
+        finally:
+            await response.aclose()
+        try:
+            answer = json.loads(raw)
+        except ValueError as e:
+            raise HTTPError(502, "the upstream's answer is not JSON", "upstream_invalid", "server_error") from e
+        if not isinstance(answer, dict):
+            raise HTTPError(502, "the upstream's answer is not a JSON object", "upstream_invalid", "server_error")
+        return answer
 
     async def models(self) -> tuple[int, bytes, str]:
         try:

@@ -1,0 +1,244 @@
+"""One streamed answer: upstream events in, judged chunks out.
+
+A reader task parses the upstream's SSE into a queue; the answer takes what has arrived, feeds
+its text to the answer's Stream session on the server's Stream worker (the batched step the
+WebSocket streams share), and sends what ``release``'s rule lets through. A flag cuts the stream
+or, with ``care``, rolls the session back to the released text and reads the upstream's
+continuation instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from edgeguard.server.proxy import care, shapes, sse
+from edgeguard.server.proxy.release import Transcript
+
+log = logging.getLogger("edgeguard.server")
+_END, _FAIL = object(), object()
+_FIELDS = ("reasoning_content", "content")
+
+
+class StreamedAnswer:
+    """``proxy``: the ``chat.Proxy`` (its state, upstream, config and metrics); ``live``: the
+    answer's open stream on the Stream worker; ``response``: the upstream's open SSE response."""
+
+    def __init__(self, proxy, body: dict, live, prompt, prefill: str, response: httpx.Response):
+        self.proxy, self.body, self.live, self.prompt = proxy, body, live, prompt
+        self.response = response
+        self.reader: asyncio.Task | None = None
+        self.action = "none"
+        self.closed = False
+        self.config = proxy.config
+        vocab = proxy.state.stream.vocab
+        self.transcript = Transcript(self.config.holdback, lambda token: len(vocab.piece(token)))
+        self.prefill = prefill
+        self.head: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                                     "created": int(time.time()), "model": body.get("model") or ""}
+        self.finish: str | None = None
+        self.usage: dict | None = None
+        self.state = None  # the session's debounced state after the last feed
+        self.first_flag: int | None = None
+        self.retries = 0
+        self.arrivals: list[tuple[int, float]] = []  # (end of text in the judged text, arrival time)
+
+    async def close(self) -> None:
+        """Stop reading the upstream (closing its connection stops a local LLM generating) and
+        free the session; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.metrics.requests.labels("true", self.action).inc()
+        self.proxy.close_stream(self.live)
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+        await self.response.aclose()
+
+    async def events(self):
+        proxy, worker = self.proxy, self.proxy.state.stream_worker
+        queue: asyncio.Queue = asyncio.Queue()
+        self.reader = asyncio.create_task(self._read(self.response, queue))
+        try:
+            yield sse.event(shapes.chunk(self.head, {"role": "assistant", "content": ""}))
+            pending = self.transcript.add("", self.prefill)  # the client's own prefill: judged, never sent
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                final, failure = False, None
+                for item in items:
+                    if item is _END:
+                        final = True
+                    elif isinstance(item, tuple) and item[0] is _FAIL:
+                        failure = item[1]
+                    elif failure is None:
+                        try:
+                            pending += self._take_chunk(item)
+                        except sse.SSEError as e:
+                            failure = e
+                if failure is not None:
+                    final = False
+                report = None
+                if pending or final:
+                    try:
+                        report = await worker.submit("feed", stream=self.live, text=pending, final=final,
+                                                     bounded=False)
+                    except Exception as e:
+                        failure = e
+                    pending = ""
+                if report is not None:
+                    self.state = report["state"] or self.state
+                    flagged = report["flagged"] and self.state is not None
+                    self.transcript.judged(report["verdicts"], final=final and not flagged,
+                                           flagged_at=self.state.flagged_at if flagged else None)
+                    for event in self._release():
+                        yield event
+                    if flagged:
+                        if self.first_flag is None:
+                            self.first_flag = self.state.flagged_at
+                        assert self.reader is not None
+                        self.reader.cancel()
+                        await asyncio.gather(self.reader, return_exceptions=True)
+                        await self.response.aclose()
+                        response = await self._continue()
+                        if response is None:
+                            self.action = "cut"
+                            proxy.metrics.cuts.inc()
+                            text = self.config.refusal_text
+                            delta = {"content": text} if text else {}
+                            yield sse.event(shapes.chunk(self.head, delta, "content_filter",
+                                                         edgeguard=self._info(self.action)))
+                            yield sse.done()
+                            return
+                        self.action, self.response = "care", response
+                        queue = asyncio.Queue()
+                        self.reader = asyncio.create_task(self._read(response, queue))
+                        continue
+                if failure is not None:
+                    self.action = "error"
+                    yield sse.event({"error": shapes.error_body(failure, self.config.base, proxy.state.config)})
+                    return
+                if final:
+                    yield sse.event(shapes.chunk(self.head, {}, self.finish or "stop",
+                                                 edgeguard=self._info(self.action)))
+                    if self.usage is not None:
+                        yield sse.event({**self.head, "choices": [], "usage": self.usage})
+                    yield sse.done()
+                    return
+        finally:
+            await self.close()
+
+    async def _read(self, response: httpx.Response, queue: asyncio.Queue) -> None:
+        """Upstream events into the queue: chunk objects, then _END or (_FAIL, error)."""
+        parser = sse.SSEParser(self.config.max_event)
+        finished = False
+        try:
+            async for part in response.aiter_raw():
+                for data in parser.feed(part):
+                    if data.strip() == sse.DONE:
+                        await queue.put(_END)
+                        return
+                    chunk = sse.parse_chunk(data)
+                    finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or ())
+                    await queue.put(chunk)
+            for data in parser.close():
+                if data.strip() == sse.DONE:
+                    await queue.put(_END)
+                    return
+                await queue.put(sse.parse_chunk(data))
+            if not finished:
+                raise sse.SSEError("the upstream closed the stream before the answer finished")
+            await queue.put(_END)  # a finished answer whose [DONE] never came
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await queue.put((_FAIL, e))
+
+    def _take_chunk(self, chunk: dict) -> str:
+        """Record one upstream chunk; returns its text to judge."""
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if chunk.get(key) is not None:
+                self.head[key] = chunk[key]
+        if chunk.get("usage") is not None:
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices") or []
+        if len(choices) > 1 or any(c.get("index", 0) != 0 for c in choices):
+            raise sse.SSEError("the upstream sent more than one choice")
+        judged = ""
+        for choice in choices:
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise sse.SSEError("an upstream chunk's 'delta' is not an object")
+            for key in _FIELDS:
+                if isinstance(delta.get(key), str) and delta[key]:
+                    judged += self.transcript.add(key, delta[key])
+            for call in delta.get("tool_calls") or ():
+                if not isinstance(call, dict):
+                    raise sse.SSEError("an upstream tool call is not an object")
+                function = call.get("function") or {}
+                if not isinstance(function, dict):
+                    raise sse.SSEError("an upstream tool call's 'function' is not an object")
+                arguments = function.get("arguments")
+                arguments = arguments if isinstance(arguments, str) else ""
+                tool = None
+                if call.get("id") is not None or function.get("name") is not None:
+                    tool = {"index": call.get("index", 0), "id": call.get("id"), "type": call.get("type", "function"),
+                            "name": function.get("name")}
+                judged += self.transcript.add("tool_calls", arguments, tool)
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+        if judged:
+            self.arrivals.append((self.transcript.size, time.perf_counter()))
+        return judged
+
+    def _release(self):
+        now = time.perf_counter()
+        for segment, piece in self.transcript.take():
+            while self.arrivals and self.arrivals[0][0] <= segment.start + segment.sent - len(piece):
+                self.arrivals.pop(0)
+            if piece and self.arrivals:
+                self.proxy.metrics.delay.observe(now - self.arrivals[0][1])
+            if segment.field == "tool_calls":
+                assert segment.tool is not None or piece  # an arguments segment always starts with its head
+                yield sse.event(shapes.chunk(self.head, {"tool_calls": [shapes.tool_call_delta(segment.tool or {},
+                                                                                              piece)]}))
+            else:
+                yield sse.event(shapes.chunk(self.head, {segment.field: piece}))
+
+    async def _continue(self) -> httpx.Response | None:
+        """After a flag: the upstream's continuation (CARE), or None to cut."""
+        proxy, t = self.proxy, self.transcript
+        if self.config.on_flag != "care" or self.retries >= self.config.care_retries:
+            return None
+        kept = t.rollback()
+        content = t.content_sent()
+        if any(s.field in ("reasoning_content", "tool_calls") for s in t.segments) or \
+                t.released_chars < len(self.prefill):
+            return None  # CARE continues message content; a flag elsewhere cuts
+        capability = await proxy.client().continues()
+        if not capability["continues"]:
+            return None
+        await proxy.state.stream_worker.submit("rollback", stream=self.live, n=kept, bounded=False)
+        self.retries += 1
+        proxy.metrics.care.inc()
+        self.finish = None
+        body = care.continuation({**self.body, "stream": True}, self.prefill + content, vllm=capability["vllm"])
+        try:
+            return await proxy.client().open_chat(body)
+        except Exception as e:
+            log.warning("CARE continuation failed: %s", e)
+            return None
+
+    def _info(self, action: str) -> dict[str, Any]:
+        answer = None
+        if self.state is not None:
+            answer = {**self.state.to_dict(), "flagged": bool(self.state.flagged),
+                      "tokens": self.transcript.tokens}
+        return shapes.info(self.prompt, answer, action, self.first_flag, self.retries)
