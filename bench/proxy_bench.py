@@ -7,7 +7,9 @@
    at ``--rate`` words per second, read directly and through the proxy (Stream model as the
    guard). Ratios: total time (target <= 1.10x), time to first token (target: the upstream's
    plus one prompt check), largest gap between chunks (target: one Stream step plus the
-   upstream's own gap).
+   upstream's own gap). One Stream step and one prompt check are timed in-process after the
+   runs, with the same threads. ``--compare-spin`` also runs the proxy with OpenMP's spinning
+   wait (``OMP_WAIT_POLICY=ACTIVE``, llama.cpp's default; ``serve --upstream`` sets PASSIVE).
 2. llama-cpp-python's server runs an LLM (the random Gen GGUF) on the same cores as the guard:
    tokens per second read directly and through the proxy, with the threads each side gets.
 """
@@ -85,38 +87,74 @@ def allow_all() -> str:
     return str(path)
 
 
-def start_proxy(stream_model: str, upstream: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_proxy(stream_model: str, upstream: str, threads: int, env: dict | None = None
+                ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edgeguard", "serve", "--stream-model", stream_model,
                              "--upstream", upstream, "--port", str(port), "--threads", str(threads),
                              "--policy", allow_all()],
-                            cwd=REPO, stderr=subprocess.DEVNULL)
+                            cwd=REPO, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ready", proc)
     return proc, f"{url}/v1"
 
 
-def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: int) -> dict:
+PROMPT = "How do I bake a lemon cake?"
+KEYS = ("total_s", "ttft_s", "max_gap_s")
+
+
+def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
+    """One Stream step (a one-token feed) and one prompt check, medians, in-process."""
+    from statistics import median
+
+    from edgeguard.loader import load
+    from edgeguard.server.proxy.cpu import share_cpu
+
+    share_cpu()  # as `serve --upstream` runs the guard
+    with load(stream_model, engine="stream", policy=allow_all(), n_threads=threads) as guard:
+        checks, steps = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            guard.check(PROMPT)
+            checks.append(time.perf_counter() - t0)
+        with guard.session(PROMPT) as session:
+            ids = guard.response_tokens(SAFE * 4)
+            for token in ids[: reps * 3]:
+                t0 = time.perf_counter()
+                session.feed([token])
+                steps.append(time.perf_counter() - t0)
+    return {"prompt_check_s": median(checks), "step_s": median(steps), "step_max_s": max(steps)}
+
+
+def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: int, spin: bool) -> dict:
     from tests.fixtures.upstream import Reply, ScriptedUpstream, words
 
     answer = words(SAFE * (tokens // 12 + 1))[:tokens]
-    body = {"model": "llm", "messages": [{"role": "user", "content": "How do I bake a lemon cake?"}]}
+    body = {"model": "llm", "messages": [{"role": "user", "content": PROMPT}]}
+    variants = {"proxy": {}, **({"proxy_spinning": {"OMP_WAIT_POLICY": "ACTIVE"}} if spin else {})}
+    out: dict = {"tokens": tokens, "rate": rate, "threads": threads}
     with ScriptedUpstream(lambda b: Reply(answer, delay=1.0 / rate)) as up:
-        proc, proxy = start_proxy(stream_model, up.url, threads)
-        try:
-            timed_stream(proxy, body)  # warm
-            direct = [timed_stream(up.url, body) for _ in range(runs)]
-            guarded = [timed_stream(proxy, body) for _ in range(runs)]
-        finally:
-            proc.terminate()
-            proc.wait(60)
-    best = {k: min(r[k] for r in direct) for k in ("total_s", "ttft_s", "max_gap_s")}
-    ours = {k: min(r[k] for r in guarded) for k in ("total_s", "ttft_s", "max_gap_s")}
-    return {"tokens": tokens, "rate": rate, "direct": best, "proxy": ours,
-            "total_ratio": ours["total_s"] / best["total_s"],
-            "ttft_added_ms": (ours["ttft_s"] - best["ttft_s"]) * 1e3,
-            "max_gap_added_ms": (ours["max_gap_s"] - best["max_gap_s"]) * 1e3,
-            "same_text": guarded[0]["chars"] == direct[0]["chars"]}
+        direct = [timed_stream(up.url, body) for _ in range(runs)]
+        out["direct"] = best = {k: min(r[k] for r in direct) for k in KEYS}
+        for name, env in variants.items():
+            proc, proxy = start_proxy(stream_model, up.url, threads, env)
+            try:
+                timed_stream(proxy, body)  # warm
+                guarded = [timed_stream(proxy, body) for _ in range(runs)]
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            ours = {k: min(r[k] for r in guarded) for k in KEYS}
+            out[name] = {**ours, "total_ratio": ours["total_s"] / best["total_s"],
+                         "ttft_added_ms": (ours["ttft_s"] - best["ttft_s"]) * 1e3,
+                         "max_gap_added_ms": (ours["max_gap_s"] - best["max_gap_s"]) * 1e3,
+                         "worst_max_gap_s": max(r["max_gap_s"] for r in guarded),
+                         "same_text": all(r["chars"] == direct[0]["chars"] for r in guarded)}
+    costs = guard_costs(stream_model, threads)
+    out["guard"] = costs
+    out["targets"] = {"total_ratio": 1.10, "ttft_s": best["ttft_s"] + costs["prompt_check_s"],
+                      "max_gap_s": best["max_gap_s"] + costs["step_s"]}
+    return out
 
 
 def shared_cores(llm_gguf: str, stream_model: str, llm_threads: int, guard_threads: int, max_tokens: int,
@@ -148,6 +186,16 @@ def shared_cores(llm_gguf: str, stream_model: str, llm_threads: int, guard_threa
             "ratio": direct["total_s"] / guarded["total_s"], "same_text": direct["chars"] == guarded["chars"]}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def models(full: bool) -> tuple[str, str, tuple[int, ...]]:
     """(Stream model folder, LLM GGUF, the LLM's end-of-text token ids)."""
     if full:
@@ -175,16 +223,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="guard threads (part 1)")
     parser.add_argument("--llm-tokens", type=int, default=120)
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--compare-spin", action="store_true", help="also the proxy with spinning OpenMP threads")
     args = parser.parse_args()
     stream_model, llm, ends = models(args.full)
     out = {"model": "full 0.6B Q4_K_M" if args.full else "tiny fixtures", "cores": os.cpu_count(),
-           "scripted": scripted(stream_model, args.tokens, args.rate, args.threads, args.runs)}
+           "cpu": cpu_name(), "load_average_before": os.getloadavg(),
+           "scripted": scripted(stream_model, args.tokens, args.rate, args.threads, args.runs, args.compare_spin)}
     if not args.skip_llm:
         cores = os.cpu_count() or 1
         out["shared_cores"] = [shared_cores(llm, stream_model, cores, cores, args.llm_tokens, ends)]
         if cores > 1:
             half = max(1, cores // 2)
             out["shared_cores"].append(shared_cores(llm, stream_model, cores - half, half, args.llm_tokens, ends))
+    out["load_average_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
 
 

@@ -119,6 +119,10 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         raise UsageError(f"refusing to listen on {host} without an API key: give --api-key or set "
                          "EDGEGUARD_API_KEY (or bind 127.0.0.1)")
     proxy = _proxy_config(**upstream)
+    if proxy is not None:  # the guard shares the CPU with the LLM: its threads wait, never spin
+        from edgeguard.server.proxy.cpu import share_cpu
+
+        share_cpu()
     if verbose:
         logging.getLogger("edgeguard").setLevel(logging.DEBUG)
     _access_log()
