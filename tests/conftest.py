@@ -36,3 +36,31 @@ def gen_ckpt_untied() -> Path:
 def stream_ckpt() -> Path:
     """Tiny Stream checkpoint (Qwen3ForGuardModel layout, guard_inner_size 64)."""
     return build_checkpoint("stream", seed=2)
+
+
+# Markers by module, for the modules whose every test shares one trait (a module may add more
+# with pytestmark or per test). The fast subset for daily work is `-m "not slow"`
+# (docs/development.md).
+_MODULE_MARKERS = {
+    "test_server": ("server",),
+    "test_server_stream": ("server",),
+    "test_server_readme": ("server",),
+    "test_ray": ("ray", "slow"),
+    "test_ray_cluster": ("ray", "slow"),
+    "test_convert": ("oracle",),
+    "test_gen": ("oracle",),
+    "test_stream": ("oracle",),
+    "test_fixtures": ("oracle",),
+    "test_end_to_end": ("oracle", "slow"),
+    "test_trained": ("oracle", "slow"),
+    "test_eval_fixtures": ("oracle", "slow"),
+    "test_memory_budget": ("slow",),
+    "test_fuzz_cli": ("slow",),
+    "test_fuzz_stream_text": ("slow",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in _MODULE_MARKERS.get(item.module.__name__.rpartition(".")[2], ()):
+            item.add_marker(getattr(pytest.mark, name))

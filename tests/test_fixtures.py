@@ -186,7 +186,7 @@ def test_stream_checkpoint_layout(stream_ckpt):
         assert sorted(cfg[m], key=int) == [str(i) for i in range(len(cfg[m]))]
     G, H = cfg["guard_inner_size"], cfg["hidden_size"]
     with safe_open(str(stream_ckpt / "model.safetensors"), "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert "lm_head.weight" not in shapes
     assert {k: v for k, v in shapes.items() if not k.startswith("model.")} == {
         "risk_level_category_pre.weight": [G, H],
