@@ -55,6 +55,7 @@ _MODULE_MARKERS = {
     "test_trained": ("oracle", "slow"),
     "test_eval_fixtures": ("oracle", "slow"),
     "test_memory_budget": ("slow",),
+    "test_device": ("slow",),  # a fresh process per import order
     "test_fuzz_cli": ("slow",),
     "test_fuzz_stream_text": ("slow",),
 }
