@@ -59,10 +59,11 @@ ONE_CHUNK_MAX = 63
 
 log = logging.getLogger("edgeguard.runtime.backend")
 # llama.cpp's CPU multiplies K-quant weights (Q4_K, Q6_K: q4_k_m) by 8 or more tokens with a
-# tiled kernel and by fewer with another, which round differently: one kernel for every batch
-# shape keeps a token's numbers independent of how many tokens share its decode. The tiled one,
-# read once by llama.cpp at its first product, is the faster for prefill.
-os.environ.setdefault("GGML_CPU_TILED_MM_FORCE", "1")
+# tiled kernel and by fewer with its per-row kernel, which round differently: one kernel for every
+# batch shape keeps a token's numbers independent of how many tokens share its decode. The per-row
+# one (the tiled kernel off; llama.cpp reads the switch once, at its first product): forcing the
+# tiled one instead made a Stream step 4x slower on an AMD EPYC (bench/invariance_cost.py).
+os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
 
 class _Batch:
