@@ -49,6 +49,10 @@ def main() -> int:
         default="cpu",
         help="where edgeguard and the llama.cpp baselines run (gpu needs a CUDA build)",
     )
+    ap.add_argument("--threads", type=int, default=2, help="threads for the gen and stream sections")
+    ap.add_argument(
+        "--no-transformers", action="store_true", help="leave out the transformers baselines of gen and stream"
+    )
     a = ap.parse_args()
     only = set(a.only.split(","))
     quick = a.quick
@@ -62,7 +66,9 @@ def main() -> int:
         + (" --quick" if quick else "")
         + (f" --only {a.only}" if a.only != ",".join(SECTIONS) else "")
         + (f" --quants {a.quants}" if a.quants else "")
-        + (" --device gpu" if a.device == "gpu" else ""),
+        + (" --device gpu" if a.device == "gpu" else "")
+        + (f" --threads {a.threads}" if a.threads != 2 else "")
+        + (" --no-transformers" if a.no_transformers else ""),
         "machine": machine_info(),
         "errors": [],
         "sections_s": {},
@@ -110,7 +116,7 @@ def main() -> int:
                 {
                     "folder": paths["gen"],
                     "quant": q,
-                    "threads": 2,
+                    "threads": a.threads,
                     "inputs": items,
                     "reps": 1,
                     "tag": q,
@@ -123,7 +129,7 @@ def main() -> int:
             "bf16": ["short0", "short1", "medium0", "long0", "response0"] if not quick else ["short0", "medium0"],
             "fp32": ["short0", "medium0", "response0"] if not quick else ["short0"],
         }
-        if a.device == "gpu":  # transformers baselines are CPU-only here: skip them on a GPU run
+        if a.device == "gpu" or a.no_transformers:  # transformers baselines are CPU-only here
             subsets = {}
         for dtype, ids in subsets.items():
             sub = [i for i, it in enumerate(items) if it["id"] in ids]
@@ -154,7 +160,7 @@ def main() -> int:
                     "folder": paths["stream"],
                     "plain": paths["plain"],
                     "quant": q,
-                    "threads": 2,
+                    "threads": a.threads,
                     "n_tokens": n_tok,
                     "backlog": 16,
                     "backlog_reps": 2 if quick else 3,
@@ -164,7 +170,11 @@ def main() -> int:
                 },
                 timeout=600,
             )
-        for dtype, n in (("bf16", 8 if quick else 24), ("fp32", 6 if quick else 16)) if a.device == "cpu" else ():
+        for dtype, n in (
+            (("bf16", 8 if quick else 24), ("fp32", 6 if quick else 16))
+            if a.device == "cpu" and not a.no_transformers
+            else ()
+        ):
             log(f"  stream transformers {dtype}: {n} tokens")
             s["transformers"][dtype] = worker(
                 "stream_bench",
