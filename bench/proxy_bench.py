@@ -8,7 +8,8 @@
    guard). Ratios: total time (target <= 1.10x), time to first token (target: the upstream's
    plus one prompt check), largest gap between chunks (target: one Stream step plus the
    upstream's own gap). One Stream step and one prompt check are timed in-process after the
-   runs, with the same threads. ``--compare-spin`` also runs the proxy with OpenMP's spinning
+   runs, with the same threads, and so are the guard's cost per token when tokens pile up and
+   the floor on the total that it sets. ``--compare-spin`` also runs the proxy with OpenMP's spinning
    wait (``OMP_WAIT_POLICY=ACTIVE``, llama.cpp's default; ``serve --upstream`` sets PASSIVE).
 2. llama-cpp-python's server runs an LLM (the random Gen GGUF) on the same cores as the guard:
    tokens per second read directly and through the proxy, with the threads each side gets.
@@ -104,7 +105,9 @@ KEYS = ("total_s", "ttft_s", "max_gap_s")
 
 
 def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
-    """One Stream step (a one-token feed) and one prompt check, medians, in-process."""
+    """One Stream step (a one-token feed), one prompt check, and the guard's throughput when
+    tokens pile up (a step of 2 and of 32 tokens: its fixed part and its cost per token),
+    medians, in-process."""
     from statistics import median
 
     from edgeguard.loader import load
@@ -123,7 +126,18 @@ def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
                 t0 = time.perf_counter()
                 session.feed([token])
                 steps.append(time.perf_counter() - t0)
-    return {"prompt_check_s": median(checks), "step_s": median(steps), "step_max_s": max(steps)}
+        ids = guard.response_tokens(SAFE * 12)
+        pieces: dict[int, list[float]] = {2: [], 32: []}
+        for _ in range(3):
+            for n in pieces:
+                with guard.session(PROMPT) as session:
+                    t0 = time.perf_counter()
+                    session.feed(ids[:n])
+                    pieces[n].append(time.perf_counter() - t0)
+    per_token = (median(pieces[32]) - median(pieces[2])) / 30
+    return {"prompt_check_s": median(checks), "step_s": median(steps), "step_max_s": max(steps),
+            "step_2_s": median(pieces[2]), "step_32_s": median(pieces[32]), "per_token_s": per_token,
+            "tokens_per_s": 32 / median(pieces[32])}
 
 
 def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: int, spin: bool) -> dict:
@@ -154,6 +168,16 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
     out["guard"] = costs
     out["targets"] = {"total_ratio": 1.10, "ttft_s": best["ttft_s"] + costs["prompt_check_s"],
                       "max_gap_s": best["max_gap_s"] + costs["step_s"]}
+    # When the upstream sends tokens faster than the guard judges them (its cost per token above
+    # the upstream's interval) no scheduling meets 1.10x: the answer ends no sooner than the
+    # prompt check plus every token at the guard's cost per token.
+    from edgeguard.loader import load
+
+    with load(stream_model, engine="stream", policy=allow_all(), n_threads=threads) as guard:
+        n = len(guard.response_tokens("".join(answer)))
+    out["answer_tokens"] = n
+    out["upstream_tokens_per_s"] = n / best["total_s"]
+    out["floor_total_ratio"] = (costs["prompt_check_s"] + n * costs["per_token_s"]) / best["total_s"]
     return out
 
 

@@ -306,10 +306,13 @@ def test_missing_done_after_a_finished_answer_ends_normally(cut):
 
 
 def test_one_megabyte_chunk_is_a_clear_error(cut):
-    events = _raw_stream(cut, "huge", Reply(["Stir the soup slowly. " * 50_000]))
+    text = "Stir the soup slowly. " * 50_000
+    events = _raw_stream(cut, "huge", Reply([text]))
     assert "error" in events[-1], events[-1]
     assert events[-1]["error"]["code"] in ("context_length_exceeded", "invalid_input")
-    assert _content(events) == ""
+    # judged in pieces: what fit the guard's context went out, nothing past it
+    released = _content(events)
+    assert text.startswith(released) and len(released) < len(text) // 10
     assert cut.get("/health")[0] == 200
     assert ask(cut, "after-huge", [Reply(words(SAFE_ANSWERS[0]))])[0] == SAFE_ANSWERS[0]
 

@@ -23,6 +23,17 @@ from edgeguard.server.proxy.release import Transcript
 log = logging.getLogger("edgeguard.server")
 _END, _FAIL = object(), object()
 _FIELDS = ("reasoning_content", "content")
+# How much text goes to the Stream worker per step. A decode costs a fixed part (reading the
+# weights) plus a part per token; when the upstream sends tokens faster than the guard judges
+# them, a step that took everything pending grew each time (a 1 s step left 45 tokens for the
+# next one) and the client got the answer in bursts seconds apart. So a step takes about
+# STEP_S of text, by this answer's own seconds per token so far, and at most MAX_PIECE tokens: the
+# gap between the chunks the client gets stays near STEP_S, for a few percent of throughput.
+# The first piece is FIRST_PIECE tokens, so the first token goes out one short step after the
+# prompt's verdict. A guard that keeps up never has that much pending and is not affected.
+STEP_S = 0.5
+FIRST_PIECE = 2
+MAX_PIECE = 512
 
 
 class StreamedAnswer:
@@ -46,6 +57,7 @@ class StreamedAnswer:
         self.state = None  # the session's debounced state after the last feed
         self.first_flag: int | None = None
         self.retries = 0
+        self.per_token: float | None = None  # seconds a step takes per token judged (see STEP_S)
         self.arrivals: list[tuple[int, float]] = []  # (end of text in the judged text, arrival time)
 
     async def close(self) -> None:
@@ -68,14 +80,16 @@ class StreamedAnswer:
         try:
             yield sse.event(shapes.chunk(self.head, {"role": "assistant", "content": ""}))
             pending = self.transcript.add("", self.prefill)  # the client's own prefill: judged, never sent
+            limit = len(pending) + self._piece_chars(FIRST_PIECE)  # the prefill goes whole, with the first piece
+            ended = False
             while True:
-                items = [await queue.get()]
+                items = [] if pending or ended else [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                final, failure = False, None
+                failure = None
                 for item in items:
                     if item is _END:
-                        final = True
+                        ended = True
                     elif isinstance(item, tuple) and item[0] is _FAIL:
                         failure = item[1]
                     elif failure is None:
@@ -83,16 +97,19 @@ class StreamedAnswer:
                             pending += self._take_chunk(item)
                         except sse.SSEError as e:
                             failure = e
-                if failure is not None:
-                    final = False
+                # A piece of the text per step; the rest waits for the next step (see STEP_S).
+                piece, pending = (pending, "") if failure is not None else (pending[:limit], pending[limit:])
+                final = ended and not pending and failure is None
                 report = None
-                if pending or final:
+                if piece or final:
                     try:
-                        report = await worker.submit("feed", stream=self.live, text=pending, final=final,
+                        t0 = time.perf_counter()
+                        report = await worker.submit("feed", stream=self.live, text=piece, final=final,
                                                      bounded=False)
+                        self._timed(time.perf_counter() - t0, len(report["verdicts"]))
                     except Exception as e:
                         failure = e
-                    pending = ""
+                limit = self._piece_chars(self._piece_tokens())
                 if report is not None:
                     self.state = report["state"] or self.state
                     flagged = report["flagged"] and self.state is not None
@@ -118,6 +135,8 @@ class StreamedAnswer:
                             yield sse.done()
                             return
                         self.action, self.response = "care", response
+                        pending, ended = "", False  # text after the released text is dropped (rollback)
+                        limit = self._piece_chars(FIRST_PIECE)  # a fresh start, as at the beginning
                         queue = asyncio.Queue()
                         self.reader = asyncio.create_task(self._read(response, queue))
                         continue
@@ -134,6 +153,25 @@ class StreamedAnswer:
                     return
         finally:
             await self.close()
+
+    def _timed(self, seconds: float, tokens: int) -> None:
+        """Record a step: its seconds per token (a moving average over steps of 2 or more)."""
+        if tokens >= 2:
+            per_token = seconds / tokens
+            self.per_token = per_token if self.per_token is None else 0.7 * self.per_token + 0.3 * per_token
+
+    def _piece_tokens(self) -> int:
+        """Tokens for the next step: about STEP_S of work, FIRST_PIECE to MAX_PIECE."""
+        if self.per_token is None:
+            return FIRST_PIECE
+        return max(FIRST_PIECE, min(MAX_PIECE, int(STEP_S / self.per_token)))
+
+    def _piece_chars(self, tokens: int) -> int:
+        """Characters of judged text that make about ``tokens`` tokens, by this answer's own
+        characters per token so far (4 before there are enough to tell)."""
+        t = self.transcript
+        per_token = t.chars_judged / t.tokens if t.tokens >= 8 else 4.0
+        return max(1, int(tokens * per_token))
 
     async def _read(self, response: httpx.Response, queue: asyncio.Queue) -> None:
         """Upstream events into the queue: chunk objects, then _END or (_FAIL, error)."""
