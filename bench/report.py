@@ -193,7 +193,8 @@ def markdown(res: dict) -> str:
     if g.get("quants"):
         tf = g.get("transformers", {})
         L += [
-            "## Gen: warm check vs plain generation of the verdict (2 threads)",
+            "## Gen: warm check vs plain generation of the verdict "
+            f"(threads: {next(iter(g['quants'].values())).get('threads', 2)})",
             "",
             "edgeguard `GenGuard.check` (prefix cache, scored read-outs) vs llama.cpp's C API greedy "
             "generation of 9 tokens on the same GGUF and tokens, fresh KV per check; interleaved input by "
