@@ -122,6 +122,26 @@ def test_stream_session_in_a_crowd_and_after_equals_alone(stream_folder, quant):
         assert apart <= BOUND[quant]
 
 
+
+@pytest.mark.slow
+def test_stream_with_q8_0_keys_needs_no_padding_token_and_stays_invariant(stream_folder):
+    """A q8_0-keys cache (8-bit keys, f16 values) decodes a lone token without a padding token
+    (llama.cpp's split one-token attention kernel needs keys and values of one type), and a
+    session's scores in a crowd of 7 equal its scores alone."""
+    options = StreamOptions(kv_type="q8_0-keys", max_sessions=8)
+    folder = stream_folder
+    with StreamGuard(folder, Manifest.read(folder), "q4_k_m", options=options) as g:
+        assert g.kv_type == "q8_0-keys" and not g._engine.backend.pads
+        ids = g.response_tokens(RESPONSE)[:24]
+        other = g.response_tokens(RESPONSE * 2)[::-1]
+        with g.session(PROMPTS[0]) as s:
+            want = [list(s.prompt_verdict.scores.values())] + [list(s.feed([t])[0].scores.values()) for t in ids]
+        main, got = _crowd(g, PROMPTS[0], ids, 7, other)
+        main.close()
+    apart = _apart(got, want)
+    print(f"stream q4_k_m, q8_0 keys, crowd 7: {apart:.2e}")
+    assert apart <= BOUND["q4_k_m"], apart
+
 _CHILD = r"""
 import sys
 from pathlib import Path
