@@ -177,7 +177,7 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
         n = len(guard.response_tokens("".join(answer)))
     out["answer_tokens"] = n
     out["upstream_tokens_per_s"] = n / best["total_s"]
-    out["floor_total_ratio"] = (costs["prompt_check_s"] + n * costs["per_token_s"]) / best["total_s"]
+    out["floor_total_ratio"] = max(1.0, (costs["prompt_check_s"] + n * costs["per_token_s"]) / best["total_s"])
     return out
 
 
