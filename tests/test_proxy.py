@@ -310,9 +310,12 @@ def test_one_megabyte_chunk_is_a_clear_error(cut):
     events = _raw_stream(cut, "huge", Reply([text]))
     assert "error" in events[-1], events[-1]
     assert events[-1]["error"]["code"] in ("context_length_exceeded", "invalid_input")
-    # judged in pieces: what fit the guard's context went out, nothing past it
+    # judged in pieces (steps of at most 512 tokens): what fit the guard's context went out, in
+    # several chunks, and nothing past it
     released = _content(events)
     assert text.startswith(released) and len(released) < len(text) // 10
+    pieces = [e for e in events if isinstance(e, dict) and e.get("choices") and e["choices"][0]["delta"].get("content")]
+    assert len(pieces) >= 3, len(pieces)
     assert cut.get("/health")[0] == 200
     assert ask(cut, "after-huge", [Reply(words(SAFE_ANSWERS[0]))])[0] == SAFE_ANSWERS[0]
 
