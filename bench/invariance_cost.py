@@ -10,7 +10,7 @@ Settings (Q4_K_M, the full-size random 0.6B models of bench/models.py, 2 threads
   batch size (``GGML_CPU_TILED_MM=0``).
 - ``no-pad``: flash attention, no padding token, decodes of up to the batch size.
 - ``plain-attn``: ``flash_attn=False`` (no padding either: it only serves flash attention).
-- ``repack`` (Stream): ``repack=True``.
+- ``repack``: ``repack=True``; ``repack-no-pad`` (Gen): also without the padding token.
 - ``q8_0-keys`` (Stream): ``kv_type="q8_0-keys"``, invariant without a padding token (llama.cpp
   never takes its split one-token attention kernel when keys and values differ in type).
 - ``... tiled-auto``: the same in a process with llama.cpp's own choice (``GGML_CPU_TILED_MM=1``:
@@ -56,7 +56,13 @@ MODES = {
     "auto": {"GGML_CPU_TILED_MM": "1", "GGML_CPU_TILED_MM_FORCE": "0"},
 }
 BASE = "off"
-GEN_SETTINGS = {"default": {}, "no-pad": {"pad": False}, "plain-attn": {"flash_attn": False}}
+GEN_SETTINGS = {
+    "default": {},
+    "no-pad": {"pad": False},
+    "plain-attn": {"flash_attn": False},
+    "repack": {"repack": True},
+    "repack-no-pad": {"repack": True, "pad": False},
+}
 
 
 def _load(folder: str, threads: int, setting: dict, **extra):
