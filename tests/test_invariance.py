@@ -142,6 +142,31 @@ def test_stream_with_q8_0_keys_needs_no_padding_token_and_stays_invariant(stream
     print(f"stream q4_k_m, q8_0 keys, crowd 7: {apart:.2e}")
     assert apart <= BOUND["q4_k_m"], apart
 
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a session that ends frees cells between a live session's cells, which the "
+                   "live session's next tokens then take (suspected: flash attention then sums its keys in "
+                   "another order); ~4e-4 on F16")
+def test_stream_session_whose_neighbour_ends_equals_alone(stream_folder):
+    """Two sessions fed in the same decodes (their cells interleave); one ends; the other goes on
+    alone. Its scores equal a lone session's."""
+    folder = stream_folder
+    with StreamGuard(folder, Manifest.read(folder), "f16") as g, g.session(PROMPTS[0]) as s:
+        ids = g.response_tokens(RESPONSE)[:30]
+        want = _session_scores(s, ids)
+    with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
+        main, other = g.session(PROMPTS[0]), g.session(PROMPTS[1])
+        got = []
+        for token in ids[:12]:
+            got += [list(v.scores.values()) for v in g.feed_many({main: [token], other: [token]})[main]]
+        other.close()
+        for token in ids[12:]:
+            got += _session_scores(main, [token])
+        main.close()
+    apart = _apart(got, want)
+    print(f"stream f16, neighbour ended: {apart:.2e}")
+    assert apart <= BOUND["f16"], apart
+
 _CHILD = r"""
 import sys
 from pathlib import Path
@@ -238,7 +263,6 @@ def test_server_concurrent_clients_equal_sequential(tmp_path, gen_ckpt, stream_c
     assert gen_apart <= BOUND["f16"], gen_apart
     if stream_apart > BOUND["f16"]:
         # Known gap: in about half the runs on a 2-core AMD EPYC a stream's scores moved by up to
-        # 6e-4 (labels and flags unchanged), with either tiled-kernel setting. Suspected: streams
-        # that end free cells that the streams still running then reuse, so a stream's keys are
-        # no longer in position order in the cache and flash attention sums them in another order.
+        # 6e-4 (labels and flags unchanged): streams that end free cells that the streams still
+        # running then reuse (test_stream_session_whose_neighbour_ends_equals_alone).
         pytest.xfail(f"Stream through the server moved by {stream_apart:.1e} (> {BOUND['f16']:.0e})")
