@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,11 +213,12 @@ def main() -> int:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d")
-    path = a.out / f"family-{a.size}-{stamp}.json"
+    cpu = "-".join(re.sub(r"[^a-z0-9]+", " ", res["machine"]["cpu"].lower()).split()[:2]) or "cpu"
+    path = a.out / f"{time.strftime('%Y-%m-%d')}-{cpu}-family-{a.size}.json"
     path.write_text(json.dumps(res, indent=1))
+    path.with_suffix(".md").write_text(render(res) + "\n")
     print(render(res))
-    log(f"wrote {path}")
+    log(f"wrote {path} and its .md")
     return 0
 
 
@@ -224,7 +226,7 @@ def _summary(row: dict) -> dict:
     speed, mem = row.get("speed", {}), row.get("memory", {})
     out = {"model": row["model"], "quant": row["quant"], "disk_mb": round(row["disk_mb"]),
            "computed_disk_mb": row["computed"]["disk_mb"], "computed_ram_mb": row["computed"]["ram_mb"],
-           "peak_rss_mb": round(mem.get("peak_rss_mb", 0)) or mem.get("error")}
+           "peak_rss_mb": round(mem.get("peak_rss_mb", 0) * 1e6 / 2**20) or mem.get("error")}  # VmHWM, in 2**20
     if "error" in speed:
         out["speed_error"] = speed["error"]
     elif row["model"].startswith("gen"):
@@ -239,8 +241,11 @@ def _summary(row: dict) -> dict:
 
 
 def render(res: dict) -> str:
-    lines = [f"command: {res['command']}", f"threads {res['threads']}, load average "
+    lines = [f"# {res['size']} models, random weights, on {res['machine']['cpu']}", "",
+             f"command: {res['command']}", f"threads {res['threads']}, load average "
              f"{res['loadavg_start'][0]:.1f} at start, {res['loadavg_end'][0]:.1f} at end", "",
+             "MB = 2**20 bytes; computed = edgeguard.models.sizing from the registry shape; Gen speed: "
+             "one check; Stream: one response token fed.", "",
              "| model | quant | disk MB (computed) | peak RSS MB (computed RAM) | speed | vs llama.cpp |",
              "|---|---|---|---|---|---|"]
     for row in res.get("rows", []):
@@ -257,7 +262,8 @@ def render(res: dict) -> str:
     for kind in ("gen", "stream"):
         c = res.get(f"convert_{kind}")
         if c:
-            lines.append(f"convert {kind}: {c['wall_s']:.0f} s, peak RSS {c['peak_rss_mb']:.0f} MB")
+            lines.append(f"\nconvert {kind}: {c['wall_s']:.0f} s, peak RSS {c['peak_rss_mb'] * 1e6 / 2**20:.0f} MB "
+                         f"(resident pages of the memory-mapped lossless GGUF included)")
     return "\n".join(lines)
 
 
