@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import edgeguard  # noqa: E402,F401  (sets llama.cpp's read-once switches before any test runs it)
 from tests.fixtures.checkpoints import build_checkpoint, real_qwen_vocab_dir  # noqa: E402
 
 

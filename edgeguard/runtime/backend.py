@@ -21,7 +21,7 @@ import llama_cpp
 import numpy as np
 
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
-from edgeguard.runtime import kv_state
+from edgeguard.runtime import kv_state, native_order
 from edgeguard.runtime.kernels import kv_type_problem
 from edgeguard.runtime.llama_model import (  # noqa: F401  (re-exported: the llama.cpp layer's API)
     Vocab,
@@ -58,12 +58,6 @@ MAX_SEQUENCES = 255  # LLAMA_MAX_SEQ in llama.cpp 0.3.36 (256), less the padding
 ONE_CHUNK_MAX = 63
 
 log = logging.getLogger("edgeguard.runtime.backend")
-# llama.cpp's CPU multiplies K-quant weights (Q4_K, Q6_K: q4_k_m) by 8 or more tokens with a
-# tiled kernel and by fewer with its per-row kernel, which round differently: one kernel for every
-# batch shape keeps a token's numbers independent of how many tokens share its decode. The per-row
-# one (the tiled kernel off; llama.cpp reads the switch once, at its first product): forcing the
-# tiled one instead made a Stream step 4x slower on an AMD EPYC (bench/invariance_cost.py).
-os.environ.setdefault("GGML_CPU_TILED_MM", "0")
 
 
 class _Batch:
@@ -526,7 +520,11 @@ class Backend:
         return {"file_size": size, "file_ends_sha256": digest.hexdigest(), "mode": self.mode,
                 "kv_type": self.kv_type, "flash_attn": bool(self.flash_attn),  # the head computed alike
                 "n_embd": self.n_embd, "n_vocab": self.n_vocab,
-                "n_layer": llama_cpp.llama_model_n_layer(self._model)}
+                "n_layer": llama_cpp.llama_model_n_layer(self._model),
+                # how the numbers were computed: a state from another build, kernel switch or
+                # decode shape would give other scores than computing the prefix now
+                "llama_cpp": getattr(llama_cpp, "__version__", ""), "decode_pieces": ONE_CHUNK_MAX,
+                "switches": {name: os.environ.get(name) for name in sorted(native_order.SWITCHES)}}
 
     def save_prefix(self, path: str | os.PathLike[str], seq: int = 0) -> None:
         """Write one sequence's cached state and its token count to ``path`` atomically.
