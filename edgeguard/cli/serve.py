@@ -71,6 +71,10 @@ def _access_log() -> None:
               help="Gen conversations decoded together (default: 4 on a CPU, the engine's max_batch, 8, on a GPU).")
 @click.option("--max-streams", type=click.IntRange(min=1), default=15, show_default=True,
               help="WebSocket streams open at once (more: refused with 503 / close 1013).")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds a request's headers, then its body, may take to arrive (more: 408).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="Seconds a WebSocket stream may wait for its client's next frame (more: closed).")
 @click.option("--upstream", default=None, metavar="URL",
               help="Guard this OpenAI-compatible LLM server (its base URL, e.g. http://127.0.0.1:11434/v1): "
                    "serve its POST /v1/chat/completions and GET /v1/models, every token judged (docs/proxy.md).")
@@ -85,10 +89,6 @@ def _access_log() -> None:
 @click.option("--refusal-text", default=None, help="Text of a refused prompt or a cut answer ('' for none).")
 @click.option("--holdback", type=click.IntRange(min=0), default=0, show_default=True,
               help="Judged tokens held back beyond what the debounce needs (room for CARE).")
-@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
-              help="Seconds a request's headers, then its body, may take to arrive (more: 408).")
-@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
-              help="Seconds a WebSocket stream may wait for its client's next frame (more: closed).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per engine (default: all).")
 @click.option("--offline", is_flag=True, default=None, help="Never use the network.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (uvicorn, llama.cpp) to stderr.")
