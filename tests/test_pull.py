@@ -20,16 +20,15 @@ def fixture_files(ckpt):
     return {name: (ckpt / name).read_bytes() for name in FILES}
 
 
-@pytest.fixture
-def registry(tmp_path, monkeypatch):
-    """A user registry whose default Gen model is the fixture, and an empty edgeguard cache."""
+def user_registry(tmp_path, monkeypatch, name: str, revision: str, files) -> None:
+    """A user registry with one Gen entry served by the test hub, and an empty edgeguard cache."""
     toml = tmp_path / "models.toml"
     toml.write_text(f"""
-["gen-0.6b"]
+["{name}"]
 kind = "gen"
 repo = "{REPO}"
-revision = "{COMMIT}"
-files = {json.dumps(list(FILES))}
+revision = "{revision}"
+files = {json.dumps(list(files))}
 default_quant = "q8_0"
 context_length = 4096
 license = "Apache-2.0"
@@ -37,6 +36,12 @@ license = "Apache-2.0"
     monkeypatch.setenv("EDGEGUARD_MODELS", str(toml))
     monkeypatch.setenv("EDGEGUARD_CACHE_DIR", str(tmp_path / "store"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A user registry whose default Gen model is the fixture, and an empty edgeguard cache."""
+    user_registry(tmp_path, monkeypatch, "gen-0.6b", COMMIT, FILES)
     return tmp_path
 
 
@@ -148,20 +153,7 @@ def sharded(tmp_path, monkeypatch):
     ckpt = build_sized_checkpoint("gen", "4b-shaped")
     files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.name != "generation_config.json"}
     assert len([n for n in files if n.startswith("model-")]) == 2
-    toml = tmp_path / "models.toml"
-    toml.write_text(f"""
-["gen-4b"]
-kind = "gen"
-repo = "{REPO}"
-revision = "main"
-files = {json.dumps(list(SHARDED_FILES))}
-default_quant = "q8_0"
-context_length = 4096
-license = "Apache-2.0"
-""")
-    monkeypatch.setenv("EDGEGUARD_MODELS", str(toml))
-    monkeypatch.setenv("EDGEGUARD_CACHE_DIR", str(tmp_path / "store"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    user_registry(tmp_path, monkeypatch, "gen-4b", "main", SHARDED_FILES)
     return tmp_path, files
 
 
