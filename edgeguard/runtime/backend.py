@@ -327,6 +327,8 @@ class Backend:
         before = list(self.n_past)
         batch = self._batch(kind)
         step = min(self.n_batch, ONE_CHUNK_MAX) if self.pads else self.n_batch
+        if self.pads:  # equal pieces: 65 tokens as 33 + 32, not 63 + a 2-token step of its own
+            step = -(-total // -(-total // step))
         pad = self.n_seq  # the padding sequence: one token at position 0, removed after each decode
         try:
             for start in range(0, total, step):
