@@ -144,7 +144,7 @@ def test_stream_with_q8_0_keys_needs_no_padding_token_and_stays_invariant(stream
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a session that ends frees cells between a live session's cells, which the "
+@pytest.mark.xfail(strict=False, reason="a session that ends frees cells between a live session's cells, which the "
                    "live session's next tokens then take (suspected: flash attention then sums its keys in "
                    "another order); ~4e-4 on F16")
 def test_stream_session_whose_neighbour_ends_equals_alone(stream_folder):
