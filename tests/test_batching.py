@@ -178,8 +178,8 @@ def test_stream_feed_many_equals_each_session_alone(stream_folder, monkeypatch):
 
 
 def test_stream_keeps_its_attention_when_a_crowd_comes_and_goes(stream_folder):
-    """Flash attention is on from the first session and stays on as a crowd comes and goes (no
-    context rebuild for it), and the first session's scores are those it gets alone."""
+    """Flash attention is on from the opening session and stays on as a crowd comes and goes (no
+    context rebuild for it), and the opening session's scores are those it gets alone."""
     with StreamGuard(stream_folder, Manifest.read(stream_folder), "f16", options=StreamOptions(device="cpu")) as g:
         ids = g.response_tokens(RESPONSE)[:30]
         a = g.session(PROMPTS[0])
