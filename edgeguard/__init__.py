@@ -57,7 +57,6 @@ __all__ = [
     "guard_stream",
     "load",
 ]
-_native_order.set_switches()  # before llama.cpp's first use: it reads them once
 if _native_order.llama_is_cuda_build():  # onnxruntime must load before a CUDA llama.cpp
     _native_order.load_onnxruntime_first()
 

@@ -20,8 +20,13 @@ from tests.fixtures.tiny_gguf import write_random_qwen3_gguf
 TEXT = "the quick brown fox jumps over the lazy dog and keeps on running far away"
 LAYOUTS = [(False, "f16"), (True, "f16"), (False, "q8_0-keys"), (True, "q8_0-keys"), (True, "q8_0")]
 ROT = kv_state.Rotations(128, 64)  # the fixture's head size: 128
-F16, Q8 = kv_state.GGML_F16, kv_state.GGML_Q8_0
+F16, Q8, BF16 = kv_state.GGML_F16, kv_state.GGML_Q8_0, kv_state.GGML_BF16
 TYPES = {"f16": (F16, F16), "q8_0-keys": (Q8, F16), "q8_0": (Q8, Q8)}
+
+
+def _types(flash: bool, kv: str) -> tuple[int, int]:
+    """(K, V) ggml types of a CPU backend: with flash attention an f16 cache keeps values in bf16."""
+    return (F16, BF16) if flash and kv == "f16" else TYPES[kv]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,7 @@ def test_state_moves_between_layouts(model, tokens, fresh, saved, restored, tmp_
             ok = be.restore(state, 15) if how == "bytes" else be.restore_from_file(tmp_path / "seq.kv", 15)
             assert ok and be.n_past[0] == 15
             got = be.eval(tokens[15:], outputs=range(len(tokens) - 15))
-            assert be.layout == kv_state.Layout(*TYPES[restored[1]], v_trans=not restored[0])
+            assert be.layout == kv_state.Layout(*_types(*restored), v_trans=not restored[0])
         err = np.abs(got - want).max()
         print(f"{saved} -> {restored} ({how}): {err:.2e}, layouts apart {apart:.2e}")
         assert err <= max(1.5 * apart, 1e-4) and err <= 1e-2 * np.abs(want).max()

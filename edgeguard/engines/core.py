@@ -287,17 +287,18 @@ class Engine:
         self.timings.context_growths += 1
 
     def decode(self, inputs: Mapping[int, tuple[Sequence[int], object]],
-               outputs: Mapping[int, Sequence[int]], what: str = "the conversation"):
+               outputs: Mapping[int, Sequence[int]], what: str = "the conversation", *, wide: bool = True):
         """Append ``inputs[seq] = (token ids, values fed)`` to each sequence in shared decodes.
 
         The values are what llama.cpp gets (the same ids, or embedding rows for them); the ids
-        are what the sequence is recorded to hold. Returns ``{seq: outputs}``.
+        are what the sequence is recorded to hold. ``wide``: inputs known whole, False for
+        tokens fed as they arrive (``edgeguard.runtime.decode_shapes``). Returns ``{seq: outputs}``.
         """
         total = sum(len(keys) for keys, _ in inputs.values())
         self.ensure_room(total, what, list(inputs))
         t0 = time.perf_counter()
         assert self.backend is not None  # the engine is open: its callers hold a live guard
-        result = self.backend.decode({seq: values for seq, (_, values) in inputs.items()}, outputs)
+        result = self.backend.decode({seq: values for seq, (_, values) in inputs.items()}, outputs, wide=wide)
         self.timings.decode_ms += (time.perf_counter() - t0) * 1e3
         self.timings.decode_calls += -(-total // self.batch)
         self.timings.tokens_decoded += total

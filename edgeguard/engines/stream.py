@@ -254,7 +254,7 @@ class StreamGuard(EngineStats):
                 return {s: [] for s in feeds}
             what = "the response" if len(ids) == 1 else f"the responses of {len(ids)} sessions"
             hidden = engine.decode({seqs[s]: (t, self._rows(t)) for s, t in ids.items()},
-                                   {seqs[s]: range(len(t)) for s, t in ids.items()}, what)
+                                   {seqs[s]: range(len(t)) for s, t in ids.items()}, what, wide=False)
             t0 = time.perf_counter()
             out = self._heads.run(np.concatenate([hidden[seqs[s]] for s in ids]))
             engine.timings.heads_ms += (time.perf_counter() - t0) * 1e3

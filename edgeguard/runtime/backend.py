@@ -9,6 +9,7 @@ A Backend is not thread-safe; ``edgeguard.engines.core`` serialises access to it
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import llama_cpp
 import numpy as np
 
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
-from edgeguard.runtime import kv_state, native_order
+from edgeguard.runtime import decode_shapes, gguf_meta, kv_state
 from edgeguard.runtime.kernels import kv_type_problem
 from edgeguard.runtime.llama_model import (  # noqa: F401  (re-exported: the llama.cpp layer's API)
     Vocab,
@@ -45,17 +46,8 @@ _PREFIX_MAGIC = b"EGKVSEQ2"  # 2: a sha256 of the content follows the magic
 _KV_TYPES = {"f16": (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16),
              "q8_0-keys": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_F16),
              "q8_0": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}
+GGML_TYPE_BF16 = 30  # ggml.h (llama_cpp does not export it)
 MAX_SEQUENCES = 255  # LLAMA_MAX_SEQ in llama.cpp 0.3.36 (256), less the padding sequence
-# llama.cpp 0.3.36's CPU flash attention has three kernels, picked by the shape of each decode:
-# one that splits a single query token's cells across threads (when it is alone in the batch and
-# the cache, f16 here, has >= 512 cells), a tiled one for >= GGML_FA_TILE_Q (64) query tokens,
-# and one that computes each query token on its own over its own sequence's cells in order.
-# They round differently, so a token's scores would depend on how many tokens shared its decode
-# and on how many cells its neighbours hold. With an f16 cache, edgeguard decodes in pieces of
-# 2..ONE_CHUNK_MAX tokens (a lone token gets a padding token of its own sequence beside it),
-# so every token takes the third kernel whatever else is decoded. A q8_0-keys or q8_0 cache
-# takes the third kernel at every shape.
-ONE_CHUNK_MAX = 63
 
 log = logging.getLogger("edgeguard.runtime.backend")
 
@@ -146,6 +138,13 @@ class Backend:
         self._model: ctypes.c_void_p | None
         self._model, self.kernel_plan, self.buffers = load_model(
             gguf_path, vocab_only=False, n_gpu_layers=n_gpu_layers, verbose=verbose, repack=repack)
+        # the vocabulary's matrix is left out: its kernel follows the output rows, not the tokens
+        tensors = gguf_meta.tensor_types(gguf_path)
+        weights = (["F16"] if tensors is None  # unreadable here: assume the stricter rules
+                   else [kind for name, kind, dims in tensors
+                         if dims == 2 and name not in ("token_embd.weight", "output.weight")])
+        self.shape_rules = decode_shapes.rules_for(
+            weights, repacked=self.kernel_plan.extra_bufts or bool(self.kernel_plan.repack_tensors))
         try:
             self._vocab = Vocab._borrow(self._model, gguf_path)
             self.n_vocab = self._vocab.n_vocab
@@ -161,7 +160,7 @@ class Backend:
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
-        params.n_seq_max = self.n_seq + 1  # the last one holds the padding token (ONE_CHUNK_MAX)
+        params.n_seq_max = self.n_seq + 1  # the last one holds padding tokens (decode_shapes)
         params.kv_unified = True  # one pool of cells for all sequences; shared prefixes share cells
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
@@ -175,7 +174,7 @@ class Backend:
         problem = kv_type_problem(self.kv_type, self.head_dim, self.head_dim_v)
         if problem:
             raise UsageError(problem)
-        params.type_k, params.type_v = _KV_TYPES[self.kv_type]
+        params.type_k, params.type_v = self.cache_types
         if self.kv_type == "q8_0" and self.flash_attn is None:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
@@ -246,15 +245,25 @@ class Backend:
         return 2 * layers * llama_cpp.llama_model_n_head_kv(self._model) * (self.head_dim + self.head_dim_v) // 2
 
     @property
-    def pads(self) -> bool:
-        """Whether decodes run in pieces of 2..ONE_CHUNK_MAX tokens (see ONE_CHUNK_MAX): flash
-        attention over an f16 cache on the CPU."""
-        return bool(self.flash_attn) and self.kv_type == "f16" and self.n_gpu_layers == 0
+    def shaped(self) -> bool:
+        """Whether decodes are cut into calls of fixed kinds (``decode_shapes``): on the CPU."""
+        return self.n_gpu_layers == 0
+
+    @property
+    def cache_types(self) -> tuple[int, int]:
+        """The ggml types of the K and V cache. With flash attention on the CPU an f16 cache
+        keeps its values in f32: llama.cpp's CPU flash attention then takes one kernel at every
+        decode shape (``decode_shapes``), and sums values in f32 instead of f16 (1.5x the
+        bytes of an all-f16 cache)."""
+        k, v = _KV_TYPES[self.kv_type]
+        if self.kv_type == "f16" and self.flash_attn and self.shaped:
+            v = GGML_TYPE_BF16
+        return k, v
 
     @property
     def spare_cells(self) -> int:
-        """Cells a decode needs besides its tokens (the padding token's)."""
-        return 1 if self.pads else 0
+        """Cells a decode needs besides its tokens (padding tokens, ``decode_shapes``)."""
+        return self.shape_rules.spare_cells if self.shaped else 0
 
     @property
     def cached(self) -> int:
@@ -282,13 +291,15 @@ class Backend:
             raise UsageError(f"token ids must lie in [0, {self.n_vocab})")
         return "token", ids.astype(np.int32)
 
-    def decode(self, inputs: Mapping[int, object], outputs: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+    def decode(self, inputs: Mapping[int, object], outputs: Mapping[int, Sequence[int]], *,
+               wide: bool = True) -> dict[int, np.ndarray]:
         """Append inputs to several sequences in shared ``llama_decode`` calls; read outputs.
 
         ``inputs[seq]``: token ids, or input-embedding rows [n, n_embd] (all sequences the same
         kind). ``outputs[seq]``: indices into that sequence's new inputs (negative from the end).
         Returns ``{seq: float32 [len(outputs[seq]), n_vocab or n_embd]}``. On failure every
-        sequence is rolled back to where it was.
+        sequence is rolled back to where it was. ``wide``: the inputs are known whole (calls of
+        8+ tokens); False for tokens fed as they arrive (calls of up to 7): ``decode_shapes``.
         """
         ctx = self._live_ctx()
         kinds, parts = set(), []
@@ -304,7 +315,7 @@ class Backend:
             raise UsageError("decode needs at least one input")
         kind = kinds.pop()
         total = sum(len(d) for _, d in parts)
-        if self.cached + total + self.spare_cells > self.n_ctx:
+        if self.cached + total > self.n_ctx:
             raise RuntimeFailure(
                 f"context overflow: {self.cached} cached + {total} new tokens > n_ctx {self.n_ctx}")
         seqs = np.concatenate([np.full(len(d), s, np.int32) for s, d in parts])
@@ -326,33 +337,37 @@ class Backend:
         result = {seq: np.empty((len(outputs.get(seq, ())), width), np.float32) for seq, _ in parts}
         before = list(self.n_past)
         batch = self._batch(kind)
-        step = min(self.n_batch, ONE_CHUNK_MAX) if self.pads else self.n_batch
-        if self.pads:  # equal pieces: 65 tokens as 33 + 32, not 63 + a 2-token step of its own
-            step = -(-total // -(-total // step))
-        pad = self.n_seq  # the padding sequence: one token at position 0, removed after each decode
+        logits = self.mode == "logits"
+        if self.shaped:
+            pieces = decode_shapes.plan(total, wanted.astype(bool).tolist() if logits else None,
+                                        wide=wide, n_batch=self.n_batch, rules=self.shape_rules)
+        else:
+            pieces = [decode_shapes.Piece(a, min(a + self.n_batch, total)) for a in range(0, total, self.n_batch)]
+        padding = max(p.pad for p in pieces)
+        if self.cached + total + padding > llama_cpp.llama_n_ctx(ctx):  # cells: n_ctx up to a multiple of 256
+            raise RuntimeFailure(f"context overflow: {self.cached} cached + {total} new tokens + {padding} "
+                                 f"padding cells > {llama_cpp.llama_n_ctx(ctx)} cells")
+        pad = self.n_seq  # the padding sequence: tokens from position 0, removed after each call
         try:
-            for start in range(0, total, step):
-                m = min(step, total - start)
+            for piece in pieces:
+                start, m, n = piece.start, piece.stop - piece.start, piece.size
                 batch.data[:m] = data[start:start + m]
                 batch.pos[:m] = pos[start:start + m]
                 # llama.cpp outputs every token in embeddings mode; saying so avoids its warning.
-                batch.output[:m] = 1 if self.mode == "embeddings" else wanted[start:start + m]
-                batch.set_seqs(seqs[start:start + m])
-                n = m
-                if m == 1 and self.pads:
-                    batch.data[1] = 0
-                    batch.pos[1] = 0
-                    batch.output[1] = 1
-                    batch.set_seqs(np.array([seqs[start], pad], np.int32))
-                    n = 2
-                elif self.pads and batch.output[:m].sum() == 1:
-                    # llama.cpp multiplies a lone output row by the vocabulary with another kernel
-                    # than two or more: read one more row, so every output takes the same one.
-                    batch.output[1 if batch.output[0] else 0] = 1
+                batch.output[:m] = wanted[start:start + m] if logits else 1
+                call_seqs = seqs[start:start + m]
+                if piece.pad:
+                    batch.data[m:n] = 0
+                    batch.pos[m:n] = np.arange(piece.pad, dtype=np.int32)
+                    batch.output[m:n] = 0 if logits else 1
+                    call_seqs = np.concatenate([call_seqs, np.full(piece.pad, pad, np.int32)])
+                if piece.extra_output >= 0:
+                    batch.output[piece.extra_output] = 1
+                batch.set_seqs(call_seqs)
                 batch.raw.n_tokens = n
                 native_error[0] = ""
                 rc = llama_cpp.llama_decode(ctx, batch.raw)
-                if n > m:
+                if piece.pad:
                     llama_cpp.llama_memory_seq_rm(self._memory, pad, -1, -1)
                 if rc != 0:
                     reason = one_line(native_error[0])
@@ -434,7 +449,7 @@ class Backend:
         """How this context lays out its cache (None where llama.cpp picks the attention)."""
         if self.flash_attn is None:
             return None
-        k, v = _KV_TYPES[self.kv_type]
+        k, v = self.cache_types
         return kv_state.Layout(k, v, v_trans=not self.flash_attn)
 
     @property
@@ -525,8 +540,9 @@ class Backend:
                 "n_layer": llama_cpp.llama_model_n_layer(self._model),
                 # how the numbers were computed: a state from another build, kernel switch or
                 # decode shape would give other scores than computing the prefix now
-                "llama_cpp": getattr(llama_cpp, "__version__", ""), "decode_pieces": ONE_CHUNK_MAX,
-                "switches": {name: os.environ.get(name) for name in sorted(native_order.SWITCHES)}}
+                "llama_cpp": getattr(llama_cpp, "__version__", ""), "cache_types": list(self.cache_types),
+                "decode_shapes": [decode_shapes.WIDE_MIN, *dataclasses.astuple(self.shape_rules)],
+                "switches": {name: os.environ.get(name) for name in decode_shapes.SWITCHES}}
 
     def save_prefix(self, path: str | os.PathLike[str], seq: int = 0) -> None:
         """Write one sequence's cached state and its token count to ``path`` atomically.

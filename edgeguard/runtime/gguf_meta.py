@@ -1,4 +1,5 @@
-"""A GGUF's metadata values that llama.cpp 0.3.36 aborts the process on, refused before it loads.
+"""A GGUF's metadata values that llama.cpp 0.3.36 aborts the process on, refused before it loads;
+and the ggml types of its tensors.
 
 Found by fuzzing converted models (each case an abort, SIGABRT, in a child process): a layer
 count of 0 or past llama.cpp's 512, and a non-finite or non-positive RMS-norm epsilon. llama.cpp
@@ -15,6 +16,7 @@ used for tensor placement, parses every token string into arrays: seconds per lo
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -130,3 +132,58 @@ def _problems(meta: dict) -> list[str]:
     if isinstance(eps, float) and not (math.isfinite(eps) and eps > 0):
         out.append(f"{prefix}.attention.layer_norm_rms_epsilon is {eps}, not a positive number")
     return out
+
+
+# ggml_type ids (ggml.h) of the types ``edgeguard.runtime.decode_shapes`` needs by name
+_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
+               13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL", 30: "BF16"}
+
+
+@functools.lru_cache(maxsize=32)
+def _tensor_types(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str, int], ...] | None:
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            view = memoryview(buf)
+            try:
+                return _read_tensor_types(view)
+            finally:
+                view.release()
+    except (OSError, ValueError):
+        return None
+
+
+def _read_tensor_types(buf) -> tuple[tuple[str, str, int], ...] | None:
+    c = _Cursor(buf)
+    try:
+        if bytes(buf[:4]) != b"GGUF":
+            return None
+        c.at = 4
+        if c.take("<I") not in (2, 3):
+            return None
+        n_tensors, n_keys = c.take("<Q"), c.take("<Q")
+        for _ in range(n_keys):
+            c.string()
+            c.value(c.take("<I"))
+        out = []
+        for _ in range(n_tensors):
+            name = bytes(c.string()).decode("utf-8", "replace")
+            dims = c.take("<I")
+            for _ in range(dims):
+                c.take("<Q")
+            kind = c.take("<I")
+            c.take("<Q")  # offset
+            out.append((name, _TYPE_NAMES.get(kind, f"type {kind}"), dims))
+        return tuple(out)
+    except _Stop:
+        return None
+
+
+def tensor_types(path: str | os.PathLike[str]) -> list[tuple[str, str, int]] | None:
+    """``(name, ggml type name, number of dimensions)`` of every tensor, read from the header
+    (cached per file version); None when the file does not follow the layout."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    found = _tensor_types(os.fspath(path), st.st_size, st.st_mtime_ns)
+    return None if found is None else list(found)

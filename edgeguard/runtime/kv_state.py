@@ -35,7 +35,7 @@ import numpy as np
 
 from edgeguard.errors import RuntimeFailure
 
-GGML_F16, GGML_Q8_0 = 1, 8  # ggml_type values
+GGML_F16, GGML_Q8_0, GGML_BF16 = 1, 8, 30  # ggml_type values
 _BLOCK = 32  # q8_0: 32 values share one f16 scale (34 bytes)
 _Q8_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", _BLOCK)])
 BYTES_HEADER = 8  # what precedes n_stream in llama_state_seq_get_data's output
@@ -44,7 +44,7 @@ BYTES_HEADER = 8  # what precedes n_stream in llama_state_seq_get_data's output
 @dataclass(frozen=True)
 class Layout:
     k_type: int  # GGML_F16 or GGML_Q8_0
-    v_type: int  # GGML_F16 or GGML_Q8_0 (never transposed)
+    v_type: int  # GGML_F16, GGML_BF16 or GGML_Q8_0 (only f16 is ever transposed)
     v_trans: bool  # V transposed: plain attention
 
 
@@ -103,7 +103,7 @@ def _u64(v: int) -> bytes:
 
 
 def _row_values(ggml_type: int, row_bytes: int) -> int:
-    if ggml_type == GGML_F16:
+    if ggml_type in (GGML_F16, GGML_BF16):
         return row_bytes // 2
     if ggml_type == GGML_Q8_0:
         return row_bytes // _Q8_BLOCK.itemsize * _BLOCK
@@ -120,6 +120,14 @@ def quantize_q8_0(x: np.ndarray) -> bytes:
     out["d"] = d.astype(np.float16)
     out["qs"] = np.clip(np.rint(blocks * inv[:, None]), -127, 127).astype(np.int8)
     return out.tobytes()
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values as bf16 bit patterns, rounded to nearest even (ggml's conversion; NaN stays NaN)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, ((u >> 16) | 64).astype(np.uint16), rounded)
 
 
 def dequantize_q8_0(data: bytes) -> np.ndarray:
@@ -151,6 +159,8 @@ def hadamard(x: np.ndarray, n: int) -> np.ndarray:
 
 def _values(data: bytes, ggml_type: int, rot: int) -> np.ndarray:
     """Stored rows as plain float32 values (dequantized and rotated back)."""
+    if ggml_type == GGML_BF16:
+        return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
     if ggml_type == GGML_F16:
         return np.frombuffer(data, np.float16).astype(np.float32)
     if ggml_type == GGML_Q8_0:
@@ -161,6 +171,8 @@ def _values(data: bytes, ggml_type: int, rot: int) -> np.ndarray:
 
 def _stored(x: np.ndarray, ggml_type: int, rot: int) -> bytes:
     """Plain values as rows of ``ggml_type`` (rotated and quantized for q8_0)."""
+    if ggml_type == GGML_BF16:
+        return to_bf16(x).tobytes()
     if ggml_type == GGML_F16:
         return x.astype(np.float16).tobytes()
     if ggml_type == GGML_Q8_0:  # (row lengths checked by _row_bytes first)
@@ -172,7 +184,7 @@ _CHUNK = 512  # cells converted at a time: a few MB of float32 temporaries, what
 
 
 def _row_bytes(ggml_type: int, values: int) -> int:
-    if ggml_type == GGML_F16:
+    if ggml_type in (GGML_F16, GGML_BF16):
         return 2 * values
     if values % _BLOCK:
         raise RuntimeFailure(f"rows of {values} values cannot be stored as q8_0 (blocks of {_BLOCK})")
@@ -231,7 +243,7 @@ def convert(src: BinaryIO, dst: BinaryIO, header: int, to: Layout, rot: Rotation
                 continue
             if trans and v_type != GGML_F16:
                 raise RuntimeFailure(f"a transposed V cache of ggml type {v_type}")
-            if to.v_trans:  # element-major f16: the whole layer at once (only ever from f16 or q8_0 rows)
+            if to.v_trans:  # element-major f16: the whole layer at once (only ever from cell-major rows)
                 v = _values(data, v_type, rot.v).reshape(cells, n_embd)
                 r.write(_u32(GGML_F16), _u32(2), _u32(n_embd), np.ascontiguousarray(v.T).astype(np.float16).tobytes())
             else:

@@ -19,16 +19,12 @@ the installed llama.cpp is a CUDA build, and always before its own first ``impor
 Where the app imported a CUDA llama_cpp before any of that, importing onnxruntime would kill
 the process: edgeguard then never imports it (Gen needs no onnxruntime) and a Stream model gets
 a clear error that says which import to move, instead of a crash.
-
-Some of llama.cpp's switches are environment variables it reads once per process, at its first
-use (``set_switches``): edgeguard sets them on ``import edgeguard``, before that first use.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -36,28 +32,8 @@ from edgeguard.errors import RuntimeFailure
 
 log = logging.getLogger("edgeguard.runtime")
 
-# llama.cpp's CPU multiplies K-quant weights (Q4_K, Q6_K: q4_k_m) by 8 or more tokens with a
-# tiled kernel and by fewer with its per-row kernel, which round differently: one kernel for every
-# batch shape keeps a token's numbers independent of how many tokens share its decode. The per-row
-# one (the tiled kernel off): forcing the tiled one instead made a Stream step 4x slower on an AMD
-# EPYC (bench/invariance_cost.py). llama.cpp reads the switch once, at its first product.
-SWITCHES = {"GGML_CPU_TILED_MM": "0"}
-
 CUDA_LIBRARY = "libggml-cuda"
 CUDA_LIBRARIES = (CUDA_LIBRARY, "ggml-cuda")  # Linux's .so, Windows' ggml-cuda.dll
-
-
-def set_switches() -> None:
-    """Set llama.cpp's read-once switches (``SWITCHES``) unless the user set them. Where the app
-    imported llama_cpp first, llama.cpp may already have read them: say so, since a guard's
-    scores then depend on how many tokens share a decode."""
-    for name, value in SWITCHES.items():
-        if name in os.environ:
-            continue
-        if "llama_cpp" in sys.modules:
-            log.warning("llama_cpp was imported before edgeguard: set %s=%s in the environment before "
-                        "llama.cpp first runs, or scores may depend on the batch", name, value)
-        os.environ[name] = value
 
 
 def cuda_llama_mapped(maps: str | None = None) -> bool:
