@@ -266,3 +266,32 @@ def test_server_concurrent_clients_equal_sequential(tmp_path, gen_ckpt, stream_c
         # 6e-4 (labels and flags unchanged): streams that end free cells that the streams still
         # running then reuse (test_stream_session_whose_neighbour_ends_equals_alone).
         pytest.xfail(f"Stream through the server moved by {stream_apart:.1e} (> {BOUND['f16']:.0e})")
+
+
+@pytest.mark.slow
+def test_repacked_weights_stay_invariant(gen_folder, stream_folder):
+    """``repack=True`` (llama.cpp's repacked Q4_K weights: a 4-token kernel for each group of 4
+    tokens, a one-token kernel for the rest): wide calls padded to a multiple of 4 and narrow
+    calls of at most 3 keep every token on one kernel, so batches and crowds equal alone."""
+    manifest = Manifest.read(gen_folder)
+    alone = GenOptions(max_batch=1, repack=True)
+    with GenGuard(gen_folder, manifest, "q4_k_m", options=alone) as g:
+        assert g.kernel_plan.extra_bufts or g.kernel_plan.repack_tensors
+        assert g._engine.backend.shape_rules.wide_step == 4
+        want = [_all_scores(g.check(*x) if isinstance(x, tuple) else g.check(x)) for x in ITEMS]
+    with GenGuard(gen_folder, manifest, "q4_k_m", options=GenOptions(max_batch=8, repack=True)) as g:
+        got = [_all_scores(v) for v in g.check_many(ITEMS, batch_size=8)]
+    print(f"gen q4_k_m repacked, batch 8: {_apart(got, want):.2e}")
+    assert _apart(got, want) <= BOUND["q4_k_m"]
+    manifest = Manifest.read(stream_folder)
+    with StreamGuard(stream_folder, manifest, "q4_k_m", options=StreamOptions(repack=True)) as g:
+        ids = g.response_tokens(RESPONSE)[:24]
+        other = g.response_tokens(RESPONSE * 2)[::-1]
+        with g.session(PROMPTS[0]) as s:
+            want = [list(s.prompt_verdict.scores.values())] + [list(s.feed([t])[0].scores.values()) for t in ids]
+    options = StreamOptions(max_sessions=8, repack=True)
+    with StreamGuard(stream_folder, manifest, "q4_k_m", options=options) as g:
+        main, got = _crowd(g, PROMPTS[0], ids, 7, other)
+        main.close()
+    print(f"stream q4_k_m repacked, crowd 7: {_apart(got, want):.2e}")
+    assert _apart(got, want) <= BOUND["q4_k_m"]

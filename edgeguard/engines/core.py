@@ -233,7 +233,7 @@ class Engine:
         the sequences into a larger cache of the same layout, so no conversation's numbers
         depend on when its neighbours made the context grow."""
         assert self.backend is not None  # the engine is open: its callers hold a live guard
-        needed = self.backend.cached + new_tokens + self.backend.spare_cells
+        needed = self.backend.cached + new_tokens
         if needed <= self.backend.n_ctx:
             return
         limit = min(self.max_ctx, self.max_cached)

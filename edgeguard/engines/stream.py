@@ -36,10 +36,10 @@ IM_END = "<|im_end|>"
 # Where the response starts: the rendering of a probe assistant message is cut at its content.
 _PROBE = "\ue000edgeguard-response\ue001"
 # Per-token speed is what Stream is for: an f16 KV cache makes a decode step fastest (a q8_0
-# cache saves memory but costs ~15% a step); llama.cpp's repacked weights stay off by default
-# (they multiply 4+ tokens with another kernel than 1-3, so a session's scores would depend on
-# its neighbours; on an AMD EPYC they bought nothing: repack=True to opt in); flash attention is on, one
-# setting for the guard's life, so no session's scores depend on others (``kernels.choose_flash_attn``).
+# cache saves memory but costs ~15% a step); llama.cpp's repacked weights are on (a step ~5%
+# faster on a 2-core AMD EPYC; their 4-token kernel is kept off streamed tokens by
+# ``decode_shapes``); flash attention is on, one setting for the guard's life, so no session's
+# scores depend on others (``kernels.choose_flash_attn``).
 # The KV cache is allocated up front (~112 KiB per token for
 # the real model at f16): it starts at 512 positions and grows on demand up to the manifest's
 # context length.
@@ -47,7 +47,7 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # repacked-weight and compute buffers, Python, a growth's transient); 300 MB covers the ~240 MB
 # measured for the 0.6B model fed to 7,000 tokens, with room for the growth's transient
 # (bench/long_bench.py's stream_edgeguard worker; docs/long-inputs.md).
-DEFAULTS = Defaults(kv_type="f16", repack=False, flash_attn=None, initial_ctx=512, runtime_mb=300)
+DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, runtime_mb=300)
 
 
 @dataclass(frozen=True)

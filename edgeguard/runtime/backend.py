@@ -157,7 +157,7 @@ class Backend:
 
     def _new_context(self):
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx
+        params.n_ctx = self.n_ctx + self.spare_cells  # padding tokens never take a token's room
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_seq + 1  # the last one holds padding tokens (decode_shapes)
@@ -183,7 +183,7 @@ class Backend:
         if not ctx:
             reason = one_line(native_error[0]) or "llama.cpp returned no context"
             raise ModelError(f"cannot create a context for {self._path}: {reason}")
-        if llama_cpp.llama_n_ctx(ctx) < self.n_ctx:
+        if llama_cpp.llama_n_ctx(ctx) < self.n_ctx + self.spare_cells:
             llama_cpp.llama_free(ctx)
             raise ModelError(f"llama.cpp gave a context smaller than n_ctx={self.n_ctx}")
         return ctx
@@ -262,7 +262,8 @@ class Backend:
 
     @property
     def spare_cells(self) -> int:
-        """Cells a decode needs besides its tokens (padding tokens, ``decode_shapes``)."""
+        """Cells the context holds besides its ``n_ctx`` tokens: room for a call's padding
+        tokens (``decode_shapes``)."""
         return self.shape_rules.spare_cells if self.shaped else 0
 
     @property
