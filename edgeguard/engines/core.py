@@ -102,7 +102,8 @@ class Engine:
     """One backend with up to ``n_seq`` sequences; ``lock`` serialises everything done on it."""
 
     def __init__(self, gguf: Path, *, mode: str, options: EngineOptions, defaults: Defaults,
-                 max_ctx: int, n_seq: int) -> None:
+                 max_ctx: int, n_seq: int, ordered_cells: bool = False) -> None:
+        """``ordered_cells``: keep every live sequence's cells in position order (``release``)."""
         self.lock = threading.RLock()
         self.mode = mode
         self.options = options
@@ -120,6 +121,8 @@ class Engine:
         self.timings = Timings()
         self._held: list[list[int]] = [[] for _ in range(n_seq)]  # the tokens each sequence holds
         self._free = list(range(n_seq - 1, -1, -1))
+        self.ordered_cells = ordered_cells
+        self._dead: set[int] = set()  # released, cells kept until freeing them cannot reorder a live one
         self.memory_plan: MemoryPlan | None = None
         self.backend: Backend | None = self._new_backend(min(self.max_ctx, defaults.initial_ctx))
         if options.max_memory_mb is not None:
@@ -193,25 +196,61 @@ class Engine:
     # -- sequences -------------------------------------------------------------------------------
     def acquire(self, what: str = "sequence") -> int:
         """A free, empty sequence; a UsageError names the cap when none is left."""
+        if not self._free and self._dead:
+            self._compact()
         if not self._free:
             raise UsageError(f"too many live {what}s: this guard holds at most {self.n_seq} at once; "
                              f"close one first (or load the guard with a larger cap)")
         return self._free.pop()
 
     def release(self, seq: int) -> None:
-        """Free a sequence and its KV cells."""
+        """Free a sequence and its KV cells.
+
+        With ``ordered_cells``, a sequence released while another one holds cells keeps its
+        cells until none does, or until its cells or its slot are needed (then the live
+        sequences are moved to a fresh layout, ``_compact``): llama.cpp places new tokens in the
+        first free cells, so freed cells between a live sequence's would take its next tokens
+        before its earlier ones, and flash attention, which sums a sequence's cells in cell
+        order, would give it other numbers than it gets alone."""
+        if seq in self._free or seq in self._dead:
+            return
+        if self.ordered_cells and self._held[seq] and any(self._held[s] for s in self._live_seqs() if s != seq):
+            self._dead.add(seq)
+            return
+        for s in [seq, *self._dead] if self.ordered_cells else [seq]:
+            self._drop(s)
+        self._dead = set()
+
+    def _drop(self, seq: int) -> None:
         if self.backend is not None and self._held[seq]:
             self.backend.truncate(0, seq)
         self._held[seq] = []
         if seq not in self._free:
             self._free.append(seq)
 
+    def _live_seqs(self) -> list[int]:
+        return [s for s in range(self.n_seq) if s not in self._free and s not in self._dead]
+
+    def _compact(self) -> None:
+        """Free the released sequences' cells and move the live ones into a fresh layout of the
+        same size (each in position order)."""
+        for s in self._dead:
+            self._drop(s)
+        self._dead = set()
+        assert self.backend is not None  # the engine is open: its callers hold a live guard
+        self._grow(self.backend.n_ctx)
+
+    @property
+    def dead_cells(self) -> int:
+        """Cells still held by released sequences (``release``)."""
+        return sum(len(self._held[s]) for s in self._dead)
+
     def held(self, seq: int) -> list[int]:
         return self._held[seq]
 
     @property
     def live(self) -> int:
-        return self.n_seq - len(self._free)
+        return self.n_seq - len(self._free) - len(self._dead)
 
     def truncate(self, seq: int, n_keep: int) -> None:
         assert self.backend is not None  # the engine is open: its callers hold a live guard
@@ -237,11 +276,20 @@ class Engine:
         if needed <= self.backend.n_ctx:
             return
         limit = min(self.max_ctx, self.max_cached)
-        if needed > limit:
+        cached = self.backend.cached - self.dead_cells
+        if cached + new_tokens > limit:
             raise InputTooLong(
-                f"{what} needs {new_tokens} more tokens with {self.backend.cached} cached, more than "
+                f"{what} needs {new_tokens} more tokens with {cached} cached, more than "
                 f"the {limit} this guard allows; shorten the text, roll back, close sessions or raise "
                 "n_ctx / max_cached_tokens / max_memory_mb (edgeguard never truncates silently)")
+        if self._dead:  # their cells first, then one move of the live sequences (_compact)
+            for s in self._dead:
+                self._drop(s)
+            self._dead = set()
+            needed = self.backend.cached + new_tokens
+            if needed <= self.backend.n_ctx:
+                self._grow(self.backend.n_ctx)
+                return
         self._grow(grown_size(self.backend.n_ctx, needed, limit))
 
     def _grow(self, size: int) -> None:
@@ -337,7 +385,7 @@ class EngineStats:
     @property
     def cached_tokens(self) -> int:
         """KV cells in use now, over all sequences (a shared template head counts once)."""
-        return cast(Backend, self._engine.backend).cached  # None once closed: AttributeError, as ever
+        return cast(Backend, self._engine.backend).cached - self._engine.dead_cells  # closed: AttributeError
 
     @property
     def flash_attn(self) -> bool:

@@ -102,7 +102,7 @@ class StreamGuard(EngineStats):
                                  f"[vocab, {manifest.hidden_size}]")
             self._engine = self._own(Engine(folder / files["model"], mode="embeddings", options=options,
                                             defaults=DEFAULTS, max_ctx=manifest.context_length,
-                                            n_seq=options.max_sessions))
+                                            n_seq=options.max_sessions, ordered_cells=True))
             backend = self._engine.backend
             assert backend is not None  # the engine was just made
             if backend.n_embd != manifest.hidden_size:
