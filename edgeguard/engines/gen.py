@@ -36,11 +36,11 @@ NONE = "None"
 GUESS_LABEL = "Safe"
 MODES = ("prompt", "response")
 # A prompt check is ~300 template tokens + the text: start with room for that and grow on demand.
-# Gen is prefill-bound: llama.cpp's repacked weights prefill faster than its tiled kernel (a
-# short check ~0.72x on a 2-core AMD EPYC, peak RSS within 4%; the weights then live in the
-# process's own memory instead of a page cache other processes could share: repack=False), and
-# flash attention is the attention kind whose result does not depend on the batch.
-DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=True, initial_ctx=1024)
+# Gen is prefill-bound: llama.cpp's repacked weights do not make its wide calls faster than the
+# tiled kernel (a short check 1.02x on a 2-core AMD EPYC, bench/invariance_cost.py; no faster on
+# an Intel Xeon either), so the weights stay memory-mapped, in a page cache other processes
+# share; flash attention is the attention kind whose result does not depend on the batch.
+DEFAULTS = Defaults(kv_type="f16", repack=False, flash_attn=True, initial_ctx=1024)
 
 
 @dataclass(frozen=True)

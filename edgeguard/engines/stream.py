@@ -36,9 +36,9 @@ IM_END = "<|im_end|>"
 # Where the response starts: the rendering of a probe assistant message is cut at its content.
 _PROBE = "\ue000edgeguard-response\ue001"
 # Per-token speed is what Stream is for: an f16 KV cache makes a decode step fastest (a q8_0
-# cache saves memory but costs ~15% a step); llama.cpp's repacked weights are on (a step ~5%
-# faster on a 2-core AMD EPYC; their 4-token kernel is kept off streamed tokens by
-# ``decode_shapes``); flash attention is on, one setting for the guard's life, so no session's
+# cache saves memory but costs ~15% a step); llama.cpp's repacked weights are on (a step ~25%
+# faster on an Intel Xeon, ~1% on an AMD EPYC; ``decode_shapes`` keeps their 4-token kernel off
+# streamed tokens); flash attention is on, one setting for the guard's life, so no session's
 # scores depend on others (``kernels.choose_flash_attn``).
 # The KV cache is allocated up front (~112 KiB per token for
 # the real model at f16): it starts at 512 positions and grows on demand up to the manifest's
