@@ -5,13 +5,14 @@ are faster in some case but let a conversation's scores depend on what shares it
 
 Settings (Q4_K_M, the full-size random 0.6B models of bench/models.py, 2 threads):
 
-- ``default``: flash attention, an f16 cache with bf16 values, repacked weights, every llama.cpp
+- ``default``: flash attention, an f16 cache with bf16 values, each engine's own weights, every llama.cpp
   call shaped by ``edgeguard/runtime/decode_shapes.py`` (wide calls for inputs known whole,
   narrow calls of at most 3 tokens for streamed ones).
 - ``unshaped``: the same guard with the calls as llama.cpp would take them (one call of up to
   the batch size, no padding) and an all-f16 cache: llama.cpp's own kernel choice per call, not
   invariant.
-- ``no-repack``: ``repack=False`` (invariant: narrow calls of up to 7 tokens).
+- ``no-repack`` (Stream): ``repack=False`` (invariant: narrow calls of up to 7 tokens);
+  ``repack`` (Gen): ``repack=True`` (invariant; Gen's default keeps the weights memory-mapped).
 - ``q8_0-keys``: ``kv_type="q8_0-keys"`` (invariant, 8-bit keys).
 - ``plain-attn``: ``flash_attn=False`` (not invariant).
 
@@ -47,7 +48,7 @@ STREAM_SETTINGS = {
 GEN_SETTINGS = {
     "default": {},
     "unshaped": {"shaped": False},
-    "no-repack": {"repack": False},
+    "repack": {"repack": True},
     "plain-attn": {"flash_attn": False},
 }
 BACKLOG = 16
