@@ -5,7 +5,7 @@ are faster in some case but let a conversation's scores depend on what shares it
 
 Settings (Q4_K_M, the full-size random 0.6B models of bench/models.py, 2 threads):
 
-- ``default``: flash attention, an f16 cache with bf16 values, each engine's own weights, every llama.cpp
+- ``default``: flash attention, an f16 cache with bf16 keys, each engine's own weights, every llama.cpp
   call shaped by ``edgeguard/runtime/decode_shapes.py`` (wide calls for inputs known whole,
   narrow calls of at most 3 tokens for streamed ones).
 - ``unshaped``: the same guard with the calls as llama.cpp would take them (one call of up to

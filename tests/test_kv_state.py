@@ -25,8 +25,8 @@ TYPES = {"f16": (F16, F16), "q8_0-keys": (Q8, F16), "q8_0": (Q8, Q8)}
 
 
 def _types(flash: bool, kv: str) -> tuple[int, int]:
-    """(K, V) ggml types of a CPU backend: with flash attention an f16 cache keeps values in bf16."""
-    return (F16, BF16) if flash and kv == "f16" else TYPES[kv]
+    """(K, V) ggml types of a CPU backend: with flash attention an f16 cache keeps keys in bf16."""
+    return (BF16, F16) if flash and kv == "f16" else TYPES[kv]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ whatever else shares its call, as long as the kernel is the same):
   the number of output rows.
 
 Flash attention has three kernels chosen by shape when keys and values are both f16; the backend
-keeps an f16 cache's values in bf16 on the CPU, for which llama.cpp always takes the one that
+keeps an f16 cache's keys in bf16 on the CPU, for which llama.cpp always takes the one that
 computes each query token on its own, over its own sequence's cells in order.
 
 So every call is one of two kinds, chosen by what is decoded and never by load:

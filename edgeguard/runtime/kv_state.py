@@ -43,7 +43,7 @@ BYTES_HEADER = 8  # what precedes n_stream in llama_state_seq_get_data's output
 
 @dataclass(frozen=True)
 class Layout:
-    k_type: int  # GGML_F16 or GGML_Q8_0
+    k_type: int  # GGML_F16, GGML_BF16 or GGML_Q8_0
     v_type: int  # GGML_F16, GGML_BF16 or GGML_Q8_0 (only f16 is ever transposed)
     v_trans: bool  # V transposed: plain attention
 
