@@ -125,6 +125,23 @@ def test_safe_answers_pass_exactly_and_as_they_come(cut, upstream, guard):
         assert guard.check(SAFE_PROMPT, answer).flagged is False
 
 
+def test_a_burst_is_released_a_decode_call_at_a_time(cut, guard):
+    """An upstream that sends the whole answer at once (a burst, as after a stall): each step
+    judges at most one llama.cpp call's tokens and releases them, so the client gets the answer
+    in chunks of about that many tokens (plus one held token, plus tokenization at the cuts), not
+    in one burst after the whole is judged."""
+    answer = SAFE_ANSWERS[0]
+    SCRIPTS["burst"] = [Reply([answer])]
+    stream = client(cut).chat.completions.create(model="llm", messages=[{"role": "user", "content": SAFE_PROMPT}],
+                                                 stream=True, extra_body={"x_script": "burst"})
+    chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert "".join(chunks) == answer
+    call = guard.call_tokens
+    assert call is not None and len(guard.response_tokens(answer)) > 2 * (call + 2)
+    sizes = [len(guard.response_tokens(t)) for t in chunks]
+    assert max(sizes) <= call + 2, sizes
+
+
 def test_not_streamed_safe_answer_is_the_upstream_message(cut):
     SCRIPTS["whole-safe"] = [Reply(words(SAFE_ANSWERS[0]))]
     result = client(cut).chat.completions.create(model="llm", messages=[{"role": "user", "content": SAFE_PROMPT}],

@@ -124,6 +124,15 @@ class StreamGuard(EngineStats):
     def live_sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def call_tokens(self) -> int | None:
+        """The most streamed tokens one llama.cpp call decodes (``decode_shapes``: a feed of more
+        takes more calls, each costing the weights' read again); None where calls are not capped
+        (the GPU)."""
+        backend = self._live_engine().backend
+        assert backend is not None  # _live_engine checks it
+        return backend.shape_rules.narrow_max if backend.shaped else None
+
     def _live_engine(self) -> Engine:
         if self._engine is None or self._engine.backend is None:
             raise RuntimeFailure("the guard is closed")

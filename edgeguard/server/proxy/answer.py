@@ -31,9 +31,14 @@ _FIELDS = ("reasoning_content", "content")
 # gap between the chunks the client gets stays near STEP_S, for a few percent of throughput.
 # The first piece is FIRST_PIECE tokens, so the first token goes out one short step after the
 # prompt's verdict. A guard that keeps up never has that much pending and is not affected.
+# Where the engine decodes streamed tokens a few per llama.cpp call (the CPU's batch-invariant
+# calls, ``StreamGuard.call_tokens``), a bigger step is only more calls of the same cost, so a
+# step takes at most one call's tokens and the client gets each call's text as soon as it is
+# judged: the gap between chunks stays one call long, for the same throughput.
 STEP_S = 0.5
 FIRST_PIECE = 2
 MAX_PIECE = 512
+CHARS_PER_TOKEN_MAX = 64  # a window that holds ``tokens`` tokens of any text but the rarest
 
 
 class StreamedAnswer:
@@ -80,7 +85,8 @@ class StreamedAnswer:
         try:
             yield sse.event(shapes.chunk(self.head, {"role": "assistant", "content": ""}))
             pending = self.transcript.add("", self.prefill)  # the client's own prefill: judged, never sent
-            limit = len(pending) + self._piece_chars(FIRST_PIECE)  # the prefill goes whole, with the first piece
+            whole = len(pending)  # the prefill goes whole, with the first piece
+            tokens = FIRST_PIECE
             ended = False
             while True:
                 items = [] if pending or ended else [await queue.get()]
@@ -98,7 +104,8 @@ class StreamedAnswer:
                         except sse.SSEError as e:
                             failure = e
                 # A piece of the text per step; the rest waits for the next step (see STEP_S).
-                piece, pending = (pending, "") if failure is not None else (pending[:limit], pending[limit:])
+                cut = len(pending) if failure is not None else whole + self._cut(pending[whole:], tokens)
+                piece, pending, whole = pending[:cut], pending[cut:], 0
                 final = ended and not pending and failure is None
                 report = None
                 if piece or final:
@@ -109,7 +116,7 @@ class StreamedAnswer:
                         self._timed(time.perf_counter() - t0, len(report["verdicts"]))
                     except Exception as e:
                         failure = e
-                limit = self._piece_chars(self._piece_tokens())
+                tokens = self._piece_tokens()
                 if report is not None:
                     self.state = report["state"] or self.state
                     flagged = report["flagged"] and self.state is not None
@@ -136,7 +143,7 @@ class StreamedAnswer:
                             return
                         self.action, self.response = "care", response
                         pending, ended = "", False  # text after the released text is dropped (rollback)
-                        limit = self._piece_chars(FIRST_PIECE)  # a fresh start, as at the beginning
+                        tokens = FIRST_PIECE  # a fresh start, as at the beginning
                         queue = asyncio.Queue()
                         self.reader = asyncio.create_task(self._read(response, queue))
                         continue
@@ -164,14 +171,18 @@ class StreamedAnswer:
         """Tokens for the next step: about STEP_S of work, FIRST_PIECE to MAX_PIECE."""
         if self.per_token is None:
             return FIRST_PIECE
-        return max(FIRST_PIECE, min(MAX_PIECE, int(STEP_S / self.per_token)))
+        cap = self.proxy.state.stream.call_tokens or MAX_PIECE
+        return max(FIRST_PIECE, min(cap, MAX_PIECE, int(STEP_S / self.per_token)))
 
-    def _piece_chars(self, tokens: int) -> int:
-        """Characters of judged text that make about ``tokens`` tokens, by this answer's own
-        characters per token so far (4 before there are enough to tell)."""
-        t = self.transcript
-        per_token = t.chars_judged / t.tokens if t.tokens >= 8 else 4.0
-        return max(1, int(tokens * per_token))
+    def _cut(self, text: str, tokens: int) -> int:
+        """Characters of ``text`` that make its first ``tokens`` tokens (all of it if fewer): the
+        text tokenized alone, which the stream's retokenizer matches but for the boundaries."""
+        window = text[: tokens * CHARS_PER_TOKEN_MAX]
+        ids = self.proxy.state.stream.vocab.tokenize(window)
+        if len(ids) <= tokens:
+            return len(window)
+        head = b"".join(self.proxy.state.stream.vocab.piece(i) for i in ids[:tokens])
+        return max(1, len(head.decode("utf-8", "ignore")))
 
     async def _read(self, response: httpx.Response, queue: asyncio.Queue) -> None:
         """Upstream events into the queue: chunk objects, then _END or (_FAIL, error)."""

@@ -69,11 +69,6 @@ class Transcript:
         return self.segments[-1].end if self.segments else 0
 
     @property
-    def chars_judged(self) -> int:
-        """Characters the judged tokens decode to."""
-        return self._chars[self.tokens]
-
-    @property
     def released_chars(self) -> int:
         return self._chars[self.released]
 
