@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from edgeguard.loader import load
+from edgeguard.server.proxy.answer import CHARS_PER_TOKEN_MAX, token_cut
 from edgeguard.server.proxy.config import DEFAULT_REFUSAL, STEERING
 from tests.fixtures.converted import converted
 from tests.fixtures.trained import STREAM_EXAMPLES, trained_stream_checkpoint
@@ -140,6 +141,21 @@ def test_a_burst_is_released_a_decode_call_at_a_time(cut, guard):
     assert call is not None and len(guard.response_tokens(answer)) > 2 * (call + 2)
     sizes = [len(guard.response_tokens(t)) for t in chunks]
     assert max(sizes) <= call + 2, sizes
+
+
+@pytest.mark.parametrize("text", ["Stir the soup slowly. Put the seeds into warm soil.", "\U0001F600" * 12,
+                                  "\u6f22\u5b57\u306e\u30c6\u30ad\u30b9\u30c8" * 4, " " * 300 + "x", "a", ""])
+def test_a_step_cuts_the_text_at_a_token_boundary(guard, text):
+    """The proxy's step cut: the first n tokens' characters; never inside a character, at least
+    one character of a non-empty text, all of a text with n tokens or fewer."""
+    ids = guard.vocab.tokenize(text)
+    for n in (1, 2, 3, 7):
+        c = token_cut(guard.vocab, text, n)
+        assert (c == 0) == (text == "") and c <= len(text)
+        head = guard.vocab.tokenize(text[:c])
+        assert len(head) <= max(n, len(guard.vocab.tokenize(text[:1]))), (n, c)
+        if text.isascii() and len(text) <= n * CHARS_PER_TOKEN_MAX:
+            assert head == ids[:n] and (c == len(text)) == (len(ids) <= n), (n, c)
 
 
 def test_not_streamed_safe_answer_is_the_upstream_message(cut):

@@ -41,6 +41,18 @@ MAX_PIECE = 512
 CHARS_PER_TOKEN_MAX = 64  # a window that holds ``tokens`` tokens of any text but the rarest
 
 
+def token_cut(vocab, text: str, tokens: int) -> int:
+    """Characters of ``text`` that make its first ``tokens`` tokens (all of it if fewer; at least
+    one character of a non-empty text): the text tokenized alone, which the stream's retokenizer
+    matches but for the boundaries."""
+    window = text[: tokens * CHARS_PER_TOKEN_MAX]
+    ids = vocab.tokenize(window)
+    if len(ids) <= tokens:
+        return len(window)
+    head = b"".join(vocab.piece(i) for i in ids[:tokens])
+    return max(1, len(head.decode("utf-8", "ignore")))
+
+
 class StreamedAnswer:
     """``proxy``: the ``chat.Proxy`` (its state, upstream, config and metrics); ``live``: the
     answer's open stream on the Stream worker; ``response``: the upstream's open SSE response."""
@@ -79,7 +91,7 @@ class StreamedAnswer:
         await self.response.aclose()
 
     async def events(self):
-        proxy, worker = self.proxy, self.proxy.state.stream_worker
+        proxy, worker, vocab = self.proxy, self.proxy.state.stream_worker, self.proxy.state.stream.vocab
         queue: asyncio.Queue = asyncio.Queue()
         self.reader = asyncio.create_task(self._read(self.response, queue))
         try:
@@ -104,7 +116,7 @@ class StreamedAnswer:
                         except sse.SSEError as e:
                             failure = e
                 # A piece of the text per step; the rest waits for the next step (see STEP_S).
-                cut = len(pending) if failure is not None else whole + self._cut(pending[whole:], tokens)
+                cut = len(pending) if failure is not None else whole + token_cut(vocab, pending[whole:], tokens)
                 piece, pending, whole = pending[:cut], pending[cut:], 0
                 final = ended and not pending and failure is None
                 report = None
@@ -174,15 +186,6 @@ class StreamedAnswer:
         cap = self.proxy.state.stream.call_tokens or MAX_PIECE
         return max(FIRST_PIECE, min(cap, MAX_PIECE, int(STEP_S / self.per_token)))
 
-    def _cut(self, text: str, tokens: int) -> int:
-        """Characters of ``text`` that make its first ``tokens`` tokens (all of it if fewer): the
-        text tokenized alone, which the stream's retokenizer matches but for the boundaries."""
-        window = text[: tokens * CHARS_PER_TOKEN_MAX]
-        ids = self.proxy.state.stream.vocab.tokenize(window)
-        if len(ids) <= tokens:
-            return len(window)
-        head = b"".join(self.proxy.state.stream.vocab.piece(i) for i in ids[:tokens])
-        return max(1, len(head.decode("utf-8", "ignore")))
 
     async def _read(self, response: httpx.Response, queue: asyncio.Queue) -> None:
         """Upstream events into the queue: chunk objects, then _END or (_FAIL, error)."""
