@@ -116,6 +116,13 @@ def decide(
     return label == "Unsafe" or policy.flag_controversial
 
 
+def can_flag(policy: Policy, label: str, categories: Collection[str]) -> bool:
+    """Whether a verdict with this label and one of these categories (with none, if there are
+    none) is flagged: for Stream, whose non-Safe tokens always name one category."""
+    probes: list[tuple[str, ...]] = [(c,) for c in categories] or [()]
+    return any(decide(policy, label, names) for names in probes)
+
+
 def validate_categories(policy: Policy, known: Collection[str], *, source: str = "") -> None:
     """UsageError if a rule names a category the model does not have."""
     unknown = [name for name in policy.categories if name not in known]

@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from edgeguard.errors import UsageError
-from edgeguard.policy import LOOSE, STRICT, Policy, decide, load_policy
+from edgeguard.policy import LOOSE, STRICT, Policy, can_flag, decide, load_policy
 from edgeguard.verdict import TokenVerdict, Verdict
 
 S, U, C = "Safe", "Unsafe", "Controversial"
@@ -33,6 +33,21 @@ def test_category_rules():
     assert decide(policy, U, {"Unethical Acts": 0.6, "PII": 0.4})  # base: Unethical unruled
     assert decide(policy, C, {"Unethical Acts": 0.2, "PII": 0.75, "None": 0.05})
     assert decide(policy, U, {"None": 0.9, "PII": 0.1})  # no category predicted: base
+
+
+def test_can_flag_asks_whether_any_category_flags_the_label():
+    cats = ("Violent", "PII")
+    assert can_flag(STRICT, "Unsafe", cats) and can_flag(STRICT, "Controversial", cats)
+    assert can_flag(LOOSE, "Unsafe", cats) and not can_flag(LOOSE, "Controversial", cats)
+    assert not can_flag(STRICT, "Safe", cats)
+    allow_all = Policy("allow-all", True, {c: "allow" for c in cats})
+    assert not can_flag(allow_all, "Unsafe", cats) and not can_flag(allow_all, "Controversial", cats)
+    assert can_flag(allow_all, "Unsafe", cats + ("Sexual Content or Sexual Acts",))  # an unlisted category
+    one_flagged = Policy("pii", False, {"PII": "flag"})
+    assert can_flag(one_flagged, "Controversial", cats) and not can_flag(one_flagged, "Controversial", ("Violent",))
+    threshold = Policy("t", False, {"Violent": 0.9, "PII": "allow"})
+    assert can_flag(threshold, "Unsafe", cats)  # a category's score may reach its threshold
+    assert can_flag(allow_all, "Unsafe", ()) and not can_flag(LOOSE, "Controversial", ())  # none: the base
 
 
 def test_decide_rejects_bad_input():

@@ -187,6 +187,24 @@ def test_cut_lands_before_the_flagged_pair(cut, upstream, guard, answer):
     assert record.closed_early and record.sent < record.planned  # the upstream connection was closed
 
 
+def test_under_a_loose_policy_only_unsafe_tokens_wait_and_the_cut_still_lands_before_the_pair(
+        guard_model, upstream, env):
+    """Under ``loose`` a Controversial token cannot start a flagged pair, so it is released as soon
+    as it is judged; an Unsafe pair is still cut before its first token."""
+    srv = _proxy(guard_model, upstream.url, env, "--policy", "loose")
+    try:
+        with load(guard_model, engine="stream", policy="loose") as loose:
+            assert loose.pair_labels == {"Unsafe"}
+            for i, answer in enumerate(UNSAFE_ANSWERS):
+                texts, flagged_at = tokens_text(loose, SAFE_PROMPT, answer)
+                assert flagged_at is not None
+                text, _, last = ask(srv, f"loose-{i}", [Reply(words(answer + TAIL), delay=DELAY)])
+                assert text == "".join(texts[: flagged_at - 1]) + DEFAULT_REFUSAL
+                assert last.model_extra["edgeguard"]["flagged_at"] == flagged_at
+    finally:
+        assert srv.stop() == 0, srv.stderr
+
+
 def test_cut_not_streamed(cut, guard):
     answer = UNSAFE_ANSWERS[0]
     SCRIPTS["whole-unsafe"] = [Reply(words(answer))]

@@ -103,6 +103,20 @@ def test_releasable(labels, released, flagged_at, holdback, final, expected):
     assert releasable(labels, released, flagged_at, holdback=holdback, final=final) == expected
 
 
+@pytest.mark.parametrize("holds, expected", [
+    (frozenset((U, C)), [2, 1, 2]),  # strict: Unsafe and Controversial last tokens wait
+    (frozenset((U,)), [2, 2, 3]),  # loose: a Controversial pair is never flagged, so C goes at once
+    (frozenset(), [3, 2, 3]),  # a policy that allows every category: nothing waits
+])
+def test_only_labels_the_policy_can_flag_a_pair_of_wait(holds, expected):
+    cases = [[S, S, U], [S, C], [S, U, C]]
+    assert [releasable(labels, 0, None, holdback=0, final=False, holds=holds) for labels in cases] == expected
+    t = Transcript(0, lambda token: 1, holds=holds)
+    t.add("content", "abc")
+    t.judged([V(1, "a"), V(2, "b", C), V(3, "c", U)], flagged_at=None, final=False)
+    assert t.released == (3 if not holds else 2)
+
+
 @dataclass
 class V:  # a token verdict: the fields Transcript reads
     token: int

@@ -18,6 +18,7 @@ from edgeguard.engines.debounce import first_trigger
 from edgeguard.engines.stream import StreamGuard, StreamOptions
 from edgeguard.errors import InputTooLong, RuntimeFailure, UsageError
 from edgeguard.models.manifest import Manifest
+from edgeguard.policy import Policy
 from edgeguard.verdict import LABELS
 from tests.fixtures import oracle
 from tests.fixtures.converted import converted
@@ -335,3 +336,16 @@ def test_plain_attention_decodes_long_contexts_in_small_batches(folder, guard, m
         assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
     for a, b in zip(got, expected):
         assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
+
+
+def test_pair_labels_are_the_labels_the_policy_can_flag_a_pair_of(folder, guard):
+    """The proxy holds a token back only if its label may start a flagged pair: both non-Safe
+    labels under strict, Unsafe under loose, none where every response category is allowed."""
+    assert guard.pair_labels == {"Unsafe", "Controversial"}
+    categories = guard._categories["response"]
+    policies = [("loose", {"Unsafe"}),
+                (Policy("allow-all", True, dict.fromkeys(categories, "allow")), set()),
+                (Policy("one-flagged", False, {categories[0]: "flag"}), {"Unsafe", "Controversial"})]
+    for policy, want in policies:
+        with StreamGuard(folder, Manifest.read(folder), "f16", policy=policy) as g:
+            assert g.pair_labels == want, policy

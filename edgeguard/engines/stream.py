@@ -26,7 +26,7 @@ from edgeguard.engines.scoring import softmax
 from edgeguard.engines.template import ChatTemplate, Message, as_messages, tokenize_pieces
 from edgeguard.errors import ModelError, RuntimeFailure, UsageError
 from edgeguard.models.manifest import Manifest
-from edgeguard.policy import Policy, decide, load_policy
+from edgeguard.policy import Policy, can_flag, decide, load_policy
 from edgeguard.runtime.backend import Vocab
 from edgeguard.runtime.embedding_rows import EmbeddingRows
 from edgeguard.runtime.heads import Heads
@@ -123,6 +123,14 @@ class StreamGuard(EngineStats):
     @property
     def live_sessions(self) -> int:
         return len(self._sessions)
+
+    @property
+    def pair_labels(self) -> frozenset[str]:
+        """The labels with which a response token may start a pair this guard's policy flags
+        (the debounce: two consecutive tokens of one label, the pair's category that of the
+        second): a token with another label is never part of a flagged pair's start."""
+        return frozenset(label for label in ("Unsafe", "Controversial")
+                         if can_flag(self.policy, label, self._categories["response"]))
 
     @property
     def call_tokens(self) -> int | None:

@@ -65,7 +65,8 @@ class StreamedAnswer:
         self.closed = False
         self.config = proxy.config
         vocab = proxy.state.stream.vocab
-        self.transcript = Transcript(self.config.holdback, lambda token: len(vocab.piece(token)))
+        self.transcript = Transcript(self.config.holdback, lambda token: len(vocab.piece(token)),
+                                     holds=proxy.state.stream.pair_labels)
         self.prefill = prefill
         self.head: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                                      "created": int(time.time()), "model": body.get("model") or ""}

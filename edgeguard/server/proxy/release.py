@@ -3,7 +3,9 @@
 The rule (the principle "nothing unjudged reaches a user"): a token is released once it and
 every token before it are judged, no flagged pair (the debounce: two consecutive Unsafe tokens,
 or Controversial ones under a strict policy) lies before it, and it cannot be the first token of
-such a pair, i.e. its own label is Safe or the next token is judged too. ``holdback`` tokens more
+such a pair, i.e. its own label is one the policy never flags a pair of (``holds``: Safe always,
+Controversial under a loose policy, any label whose every category the policy allows) or the
+next token is judged too. ``holdback`` tokens more
 are held (room for CARE to roll back before a flagged pair), except at the end of the answer.
 Release stops only where the tokens so far make whole UTF-8 characters, so the session can be
 rolled back exactly to what the client has.
@@ -35,14 +37,19 @@ class Segment:
         return self.start + len(self.text)
 
 
-def releasable(labels: Sequence[str], released: int, flagged_at: int | None, *, holdback: int, final: bool) -> int:
-    """How many tokens may be released, given the labels of all judged tokens."""
+PAIR_LABELS = frozenset(("Unsafe", "Controversial"))  # labels that may start a flagged pair (strict)
+
+
+def releasable(labels: Sequence[str], released: int, flagged_at: int | None, *, holdback: int, final: bool,
+               holds: frozenset[str] = PAIR_LABELS) -> int:
+    """How many tokens may be released, given the labels of all judged tokens; ``holds``: the
+    labels with which a token may start a pair the policy flags."""
     n = len(labels)
     if flagged_at is not None:  # the pair starts at flagged_at - 1; held tokens before it are dropped
         return max(released, min(n, flagged_at - 1) - holdback)
     if final:
         return n
-    k = n - 1 if n and labels[-1] != "Safe" else n
+    k = n - 1 if n and labels[-1] in holds else n
     return max(released, k - holdback)
 
 
@@ -52,6 +59,7 @@ class Transcript:
 
     holdback: int
     piece_bytes: Callable[[int], int]  # a token's length in bytes
+    holds: frozenset[str] = PAIR_LABELS  # labels with which a token may start a flagged pair
     segments: list[Segment] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     _chars: list[int] = field(default_factory=lambda: [0])  # characters decoded after k tokens
@@ -97,7 +105,8 @@ class Transcript:
             self._bytes.append(self._bytes[-1] + self.piece_bytes(v.token))
             self._utf8.append(self._utf8[-1] + len(v.text.encode("utf-8")))
         self.tokens = len(self.labels)
-        k = releasable(self.labels, self.released, flagged_at, holdback=self.holdback, final=final)
+        k = releasable(self.labels, self.released, flagged_at, holdback=self.holdback, final=final,
+                       holds=self.holds)
         while k > self.released and self._bytes[k] != self._utf8[k]:  # ends inside a character
             k -= 1
         self.released = k
