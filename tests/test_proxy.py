@@ -6,6 +6,7 @@ the Stream session's own `flagged_at` on the whole text, computed here in-proces
 from __future__ import annotations
 
 import json
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -156,6 +157,20 @@ def test_a_step_cuts_the_text_at_a_token_boundary(guard, text):
         assert len(head) <= max(n, len(guard.vocab.tokenize(text[:1]))), (n, c)
         if text.isascii() and len(text) <= n * CHARS_PER_TOKEN_MAX:
             assert head == ids[:n] and (c == len(text)) == (len(ids) <= n), (n, c)
+
+
+def test_step_cuts_of_random_texts(guard):
+    """The same properties over random mixes of letters, digits, whitespace, accents (composed
+    and combining), CJK, emoji sequences, Arabic and special-token text."""
+    alphabet = [*"abc xyz.,!?\n\t  0123", "\u00e9", "e\u0301", "\u6f22", "\u30c6", "\U0001F600", "\u200d",
+                "\U0001F469\u200d\U0001F4BB", "\u0627", "<|im_end|>", "'s", "\r\n"]
+    rng = random.Random(7)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        for n in (1, 3, 7):
+            c = token_cut(guard.vocab, text, n)
+            assert (c == 0) == (text == "") and c <= len(text), (text, n)
+            assert len(guard.vocab.tokenize(text[:c])) <= max(n, len(guard.vocab.tokenize(text[:1]))), (text, n, c)
 
 
 def test_not_streamed_safe_answer_is_the_upstream_message(cut):

@@ -3,10 +3,10 @@
 The rule (the principle "nothing unjudged reaches a user"): a token is released once it and
 every token before it are judged, no flagged pair (the debounce: two consecutive Unsafe tokens,
 or Controversial ones under a strict policy) lies before it, and it cannot be the first token of
-such a pair, i.e. its own label is one the policy never flags a pair of (``holds``: Safe always,
-Controversial under a loose policy, any label whose every category the policy allows) or the
-next token is judged too. ``holdback`` tokens more
-are held (room for CARE to roll back before a flagged pair), except at the end of the answer.
+such a pair, i.e. its own label is not one a pair the policy flags can have (``holds``: Unsafe
+and Controversial under a strict policy, Unsafe under a loose one, none where the policy allows
+every category) or the next token is judged too. ``holdback`` tokens more are held (room for
+CARE to roll back before a flagged pair), except at the end of the answer.
 Release stops only where the tokens so far make whole UTF-8 characters, so the session can be
 rolled back exactly to what the client has.
 
