@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +38,9 @@ SAFE = "Stir the soup slowly. Put the seeds into warm soil. Start by reading the
 
 
 def timed_stream(url: str, body: dict) -> dict:
-    """Read one streamed chat completion: total, first content chunk, largest gap (seconds)."""
+    """Read one streamed chat completion: total, first content chunk, largest and median gap
+    between content chunks (seconds), the chunks, and where the three largest gaps fell (chunk
+    index, gap)."""
     import httpx
 
     t0 = time.perf_counter()
@@ -54,8 +57,10 @@ def timed_stream(url: str, body: dict) -> dict:
                 text.append(piece)
     total = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    largest = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:3]
     return {"total_s": total, "ttft_s": stamps[0] if stamps else None, "max_gap_s": max(gaps, default=0.0),
-            "chunks": len(stamps), "chars": len("".join(text))}
+            "median_gap_s": statistics.median(gaps) if gaps else 0.0, "chunks": len(stamps),
+            "largest_gaps": [(i + 1, round(gaps[i], 4)) for i in largest], "chars": len("".join(text))}
 
 
 def free_port() -> int:
@@ -163,6 +168,8 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
                          "ttft_added_ms": (ours["ttft_s"] - best["ttft_s"]) * 1e3,
                          "max_gap_added_ms": (ours["max_gap_s"] - best["max_gap_s"]) * 1e3,
                          "worst_max_gap_s": max(r["max_gap_s"] for r in guarded),
+                         "runs": [{k: r[k] for k in ("max_gap_s", "median_gap_s", "chunks", "largest_gaps")}
+                                  for r in guarded],
                          "same_text": all(r["chars"] == direct[0]["chars"] for r in guarded)}
     costs = guard_costs(stream_model, threads)
     out["guard"] = costs
