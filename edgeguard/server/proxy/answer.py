@@ -13,12 +13,15 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from edgeguard.server.proxy import care, shapes, sse
 from edgeguard.server.proxy.release import Transcript
+
+if TYPE_CHECKING:
+    from edgeguard.runtime.backend import Vocab
 
 log = logging.getLogger("edgeguard.server")
 _END, _FAIL = object(), object()
@@ -41,7 +44,7 @@ MAX_PIECE = 512
 CHARS_PER_TOKEN_MAX = 64  # a window that holds ``tokens`` tokens of any text but the rarest
 
 
-def token_cut(vocab, text: str, tokens: int) -> int:
+def token_cut(vocab: Vocab, text: str, tokens: int) -> int:
     """Characters of ``text`` that make its first ``tokens`` tokens (all of it if fewer; at least
     one character of a non-empty text): the text tokenized alone, which the stream's retokenizer
     matches but for the boundaries."""
