@@ -70,6 +70,7 @@ class StreamedAnswer:
         vocab = proxy.state.stream.vocab
         self.transcript = Transcript(self.config.holdback, lambda token: len(vocab.piece(token)),
                                      holds=proxy.state.stream.pair_labels)
+        self.call_tokens = proxy.state.stream.call_tokens  # fixed for the guard's life
         self.prefill = prefill
         self.head: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                                      "created": int(time.time()), "model": body.get("model") or ""}
@@ -187,9 +188,8 @@ class StreamedAnswer:
         """Tokens for the next step: about STEP_S of work, FIRST_PIECE to MAX_PIECE."""
         if self.per_token is None:
             return FIRST_PIECE
-        cap = self.proxy.state.stream.call_tokens or MAX_PIECE
+        cap = self.call_tokens or MAX_PIECE
         return max(FIRST_PIECE, min(cap, MAX_PIECE, int(STEP_S / self.per_token)))
-
 
     async def _read(self, response: httpx.Response, queue: asyncio.Queue) -> None:
         """Upstream events into the queue: chunk objects, then _END or (_FAIL, error)."""
