@@ -21,6 +21,9 @@ from collections.abc import Iterable
 
 from edgeguard.verdict import LABELS, StreamState
 
+# The labels of which two consecutive tokens flag a response, Unsafe's pair taking precedence.
+PAIR_LABELS: tuple[str, ...] = ("Unsafe", "Controversial")
+
 _SAFE = StreamState(flagged=False, label="Safe", category=None, flagged_at=None)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeguard.engines import inputs as arguments
 from edgeguard.engines.core import Defaults, Engine, EngineOptions, EngineStats
-from edgeguard.engines.debounce import Debouncer
+from edgeguard.engines.debounce import PAIR_LABELS, Debouncer
 from edgeguard.engines.retokenize import Retokenizer, hard_pair
 from edgeguard.engines.scoring import softmax
 from edgeguard.engines.template import ChatTemplate, Message, as_messages, tokenize_pieces
@@ -129,7 +129,7 @@ class StreamGuard(EngineStats):
         """The labels with which a response token may start a pair this guard's policy flags
         (the debounce: two consecutive tokens of one label, the pair's category that of the
         second): a token with another label is never part of a flagged pair's start."""
-        return frozenset(label for label in ("Unsafe", "Controversial")
+        return frozenset(label for label in PAIR_LABELS
                          if can_flag(self.policy, label, self._categories["response"]))
 
     @property

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeguard.engines.debounce import PAIR_LABELS
+
 SEPARATOR = "\n\n"  # judged between two fields of the answer; never sent
 
 
@@ -37,11 +39,11 @@ class Segment:
         return self.start + len(self.text)
 
 
-PAIR_LABELS = frozenset(("Unsafe", "Controversial"))  # labels that may start a flagged pair (strict)
+STRICT_HOLDS = frozenset(PAIR_LABELS)  # labels that may start a flagged pair under a strict policy
 
 
 def releasable(labels: Sequence[str], released: int, flagged_at: int | None, *, holdback: int, final: bool,
-               holds: frozenset[str] = PAIR_LABELS) -> int:
+               holds: frozenset[str] = STRICT_HOLDS) -> int:
     """How many tokens may be released, given the labels of all judged tokens; ``holds``: the
     labels with which a token may start a pair the policy flags."""
     n = len(labels)
@@ -59,7 +61,7 @@ class Transcript:
 
     holdback: int
     piece_bytes: Callable[[int], int]  # a token's length in bytes
-    holds: frozenset[str] = PAIR_LABELS  # labels with which a token may start a flagged pair
+    holds: frozenset[str] = STRICT_HOLDS  # labels with which a token may start a flagged pair
     segments: list[Segment] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     _chars: list[int] = field(default_factory=lambda: [0])  # characters decoded after k tokens
