@@ -9,7 +9,8 @@
    plus one prompt check), largest gap between chunks (target: one Stream step plus the
    upstream's own gap). One Stream step and one prompt check are timed in-process after the
    runs, with the same threads, and so are the guard's cost per token when tokens pile up and
-   the floor on the total that it sets. ``--compare-spin`` also runs the proxy with OpenMP's spinning
+   the floor on the total that it sets, and a full garbage collection's pause with the guard
+   loaded, over the whole heap and with the startup objects frozen as `serve` does. ``--compare-spin`` also runs the proxy with OpenMP's spinning
    wait (``OMP_WAIT_POLICY=ACTIVE``, llama.cpp's default; ``serve --upstream`` sets PASSIVE).
 2. llama-cpp-python's server runs an LLM (the random Gen GGUF) on the same cores as the guard:
    tokens per second read directly and through the proxy, with the threads each side gets.
@@ -120,6 +121,7 @@ def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
 
     share_cpu()  # as `serve --upstream` runs the guard
     with load(stream_model, engine="stream", policy=allow_all(), n_threads=threads) as guard:
+        pauses = full_collections(reps)
         checks, steps = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -142,7 +144,31 @@ def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
     per_token = (median(pieces[32]) - median(pieces[2])) / 30
     return {"prompt_check_s": median(checks), "step_s": median(steps), "step_max_s": max(steps),
             "step_2_s": median(pieces[2]), "step_32_s": median(pieces[32]), "per_token_s": per_token,
-            "tokens_per_s": 32 / median(pieces[32])}
+            "tokens_per_s": 32 / median(pieces[32]), "gc_full_ms": pauses}
+
+
+def full_collections(reps: int) -> dict:
+    """A full garbage collection's pause with the guard loaded (median ms), over the whole heap
+    and after ``freeze_startup_objects`` (as `serve` runs), which this undoes afterwards."""
+    import gc
+    from statistics import median
+
+    from edgeguard.platform.memory import freeze_startup_objects
+
+    def pause() -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return median(times)
+
+    whole = pause()
+    frozen = freeze_startup_objects()
+    try:
+        return {"whole_heap": whole, "startup_frozen": pause(), "objects_frozen": frozen}
+    finally:
+        gc.unfreeze()
 
 
 def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: int, spin: bool) -> dict:

@@ -118,6 +118,28 @@ def test_malloc_trim_runs_on_glibc():
         memory._malloc_trim.cache_clear()
 
 
+def test_freeze_startup_objects_collects_first_then_freezes():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    garbage, kept = Node(), Node()
+    garbage.me, kept.me = garbage, kept  # two cycles: one unreachable, one held
+    dead = weakref.ref(garbage)
+    del garbage
+    before = gc.get_freeze_count()
+    try:
+        frozen = memory.freeze_startup_objects()
+        assert dead() is None  # collected before the freeze, not kept forever
+        assert frozen == gc.get_freeze_count() > before
+        assert not any(o is kept for o in gc.get_objects())  # out of every generation's walk
+    finally:
+        gc.unfreeze()
+    assert any(o is kept for o in gc.get_objects())
+
+
 class _EmulatedMsvcrt:
     """msvcrt.locking's contract (a non-blocking lock of bytes at the file position, EACCES when
     another handle holds them), kept with flock, which also conflicts between two handles of

@@ -16,6 +16,7 @@ import click
 
 from edgeguard.cli.exit_codes import handle_errors, say
 from edgeguard.errors import UsageError
+from edgeguard.platform.memory import freeze_startup_objects
 from edgeguard.platform.net import own_port, stop_signals
 
 INSTALL_HINT = "pip install 'edgeguard[server]'"
@@ -146,6 +147,7 @@ def serve(model, stream_model, quant, host, port, device, policy, api_key, max_b
         # last step a clean exit 0.
         for sig in stop_signals():
             signal.signal(sig, lambda *_: None)
+        freeze_startup_objects()  # models and imports: no full collection walks them again
         server.run(sockets=[sock])
     finally:
         sock.close()
