@@ -1,5 +1,5 @@
 """One version number (pyproject -> package metadata -> edgeguard.__version__ and --version);
-runtime dependencies declared; user folders from platformdirs."""
+runtime dependencies declared; a built wheel holds every module; user folders from platformdirs."""
 
 from __future__ import annotations
 
@@ -44,3 +44,36 @@ def test_config_dir_follows_xdg_on_linux(monkeypatch, tmp_path):
     assert registry.config_dir() == tmp_path / "home" / ".config" / "edgeguard"
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     assert registry.config_dir() == tmp_path / "cfg" / "edgeguard"
+
+
+def test_wheel_holds_every_module_and_data_file(tmp_path):
+    """A regular (not editable) install gets every module: the wheel built from the sources
+    holds each ``.py`` of edgeguard/ and convert/ (as edgeguard_convert/) and the package data."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    repo = PYPROJECT.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (repo / name).exists():
+            shutil.copy(repo / name, src / name)
+    for folder in ("edgeguard", "convert"):
+        shutil.copytree(repo / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    import importlib.util
+
+    # the environment's setuptools where it has one (a venv of Python >= 3.12 has none: pip
+    # then fetches the build backend pyproject names)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
+                           "-w", str(tmp_path / "out"), str(src)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "out").glob("edgeguard-*.whl")
+    held = {n for n in zipfile.ZipFile(wheel).namelist() if not n.startswith("edgeguard-")}
+    expected = {p.relative_to(src).as_posix() for p in (src / "edgeguard").rglob("*.py")}
+    expected |= {"edgeguard_convert/" + p.relative_to(src / "convert").as_posix()
+                 for p in (src / "convert").rglob("*.py")}
+    expected |= {"edgeguard/models.toml", "edgeguard/py.typed"}
+    expected |= {p.relative_to(src).as_posix() for p in (src / "edgeguard" / "server" / "static").iterdir()}
+    assert sorted(expected - held) == []
