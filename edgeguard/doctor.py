@@ -166,9 +166,10 @@ def _advice(amx: bool, device: str) -> str:
 def _attention_line(att: dict) -> str:
     def kind(on: bool) -> str:
         return "flash" if on else "plain"
-    return (f"Gen {kind(att['gen'])}; Stream {kind(att['stream_one_session'])} for one session, "
-            f"{kind(att['stream_several_sessions'])} for several; Stream KV {att['stream_long_kv']} "
-            f"at every length ({att['why']})")
+    one, several = att["stream_one_session"], att["stream_several_sessions"]
+    stream = kind(one) if one == several else f"{kind(one)} for one session, {kind(several)} for several"
+    return f"Gen {kind(att['gen'])}; Stream {stream}; KV {att['stream_long_kv']} at every length ({att['why']})"
+
 
 
 def render(report: dict) -> str:

@@ -205,6 +205,23 @@ def test_client_vanishing_mid_stream_frees_its_session(server):
     assert code == 1000 and events[-1]["event"] == "verdict"
 
 
+def test_frame_over_max_body_closes_1009(server):
+    """A WebSocket frame over --max-body (1 MiB by default) closes the stream with 1009 (message
+    too big), as docs/cli.md says; the server goes on serving."""
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(server, max_size=None) as ws:
+        ws.send(json.dumps({"prompt": PROMPT}))
+        assert json.loads(ws.recv(timeout=60))["event"] == "prompt"
+        ws.send(json.dumps({"text": "a" * (1 << 20)}))
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=60)
+        assert ws.close_code == 1009
+    events, code = run(server, [{"text": "Bread needs time.", "finish": True}])
+    assert code == 1000 and events[-1]["event"] == "verdict"
+
+
 def test_too_many_streams_is_503(stream_model, cache_env):
     from websockets.exceptions import ConnectionClosed
 

@@ -23,7 +23,7 @@ BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q5_0"
 # Tokenizer metadata of a full-vocabulary GGUF (151,936 Qwen3 tokens and their merges), measured.
 TOKENIZER_BYTES = 5_930_000
 # What an engine uses besides weights and KV cache (edgeguard.runtime.kernels.RUNTIME_MB for Gen,
-# the Stream engine's Defaults.runtime_mb for Stream: both measured, see docs/performance.md).
+# the Stream engine's Defaults.runtime_mb for Stream: both measured, see docs/long-inputs.md).
 RUNTIME_MB = {"gen": 200, "stream": 300}
 KV_VALUE_BYTES = 2  # the f16 KV cache every engine starts with
 DEFAULT_CTX = 2048  # a Gen check of ~300 template tokens plus a long input; a Stream session

@@ -2,7 +2,7 @@
 
 Qwen3Guard and OpenAI name their categories differently. Each OpenAI category takes the
 Qwen3Guard categories listed for it below; an OpenAI category with no counterpart stays
-``false`` / ``0.0``. The table is the one documented in the README ("Server").
+``false`` / ``0.0``. The table is the one documented in docs/server.md.
 """
 
 from __future__ import annotations
