@@ -19,6 +19,7 @@ import httpx
 
 from edgeguard.server.proxy import care, shapes, sse
 from edgeguard.server.proxy.release import Transcript
+from edgeguard.server.proxy.upstream_text import Surrogates, checked, function_of, tool_calls
 
 if TYPE_CHECKING:
     from edgeguard.runtime.backend import Vocab
@@ -81,6 +82,8 @@ class StreamedAnswer:
         self.retries = 0
         self.per_token: float | None = None  # seconds a step takes per token judged (see STEP_S)
         self.arrivals: list[tuple[int, float]] = []  # (end of text in the judged text, arrival time)
+        self.surrogates = Surrogates()  # pairs whose halves come in two chunks
+        self.tools: dict[int, dict[str, Any]] = {}  # tool call index -> its head (shared by its segments)
 
     async def close(self) -> None:
         """Stop reading the upstream (closing its connection stops a local LLM generating) and
@@ -113,6 +116,11 @@ class StreamedAnswer:
                 for item in items:
                     if item is _END:
                         ended = True
+                        if failure is None:
+                            try:
+                                self.surrogates.check_ended()
+                            except sse.SSEError as e:
+                                failure = e
                     elif isinstance(item, tuple) and item[0] is _FAIL:
                         failure = item[1]
                     elif failure is None:
@@ -160,6 +168,7 @@ class StreamedAnswer:
                             return
                         self.action, self.response = "care", response
                         pending, ended = "", False  # text after the released text is dropped (rollback)
+                        self.surrogates, self.tools = Surrogates(), {}
                         tokens = FIRST_PIECE  # a fresh start, as at the beginning
                         queue = asyncio.Queue()
                         self.reader = asyncio.create_task(self._read(response, queue))
@@ -196,7 +205,7 @@ class StreamedAnswer:
         parser = sse.SSEParser(self.config.max_event)
         finished = False
         try:
-            async for part in response.aiter_raw():
+            async for part in response.aiter_bytes():  # decoded, if the upstream compressed it
                 for data in parser.feed(part):
                     if data.strip() == sse.DONE:
                         await queue.put(_END)
@@ -204,11 +213,13 @@ class StreamedAnswer:
                     chunk = sse.parse_chunk(data)
                     finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or ())
                     await queue.put(chunk)
-            for data in parser.close():
+            for data in parser.close():  # a last event without its blank line
                 if data.strip() == sse.DONE:
                     await queue.put(_END)
                     return
-                await queue.put(sse.parse_chunk(data))
+                chunk = sse.parse_chunk(data)
+                finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or ())
+                await queue.put(chunk)
             if not finished:
                 raise sse.SSEError("the upstream closed the stream before the answer finished")
             await queue.put(_END)  # a finished answer whose [DONE] never came
@@ -233,26 +244,43 @@ class StreamedAnswer:
             if not isinstance(delta, dict):
                 raise sse.SSEError("an upstream chunk's 'delta' is not an object")
             for key in _FIELDS:
-                if isinstance(delta.get(key), str) and delta[key]:
-                    judged += self.transcript.add(key, delta[key])
-            for call in delta.get("tool_calls") or ():
-                if not isinstance(call, dict):
-                    raise sse.SSEError("an upstream tool call is not an object")
-                function = call.get("function") or {}
-                if not isinstance(function, dict):
-                    raise sse.SSEError("an upstream tool call's 'function' is not an object")
-                arguments = function.get("arguments")
-                arguments = arguments if isinstance(arguments, str) else ""
-                tool = None
-                if call.get("id") is not None or function.get("name") is not None:
-                    tool = {"index": call.get("index", 0), "id": call.get("id"), "type": call.get("type", "function"),
-                            "name": function.get("name")}
-                judged += self.transcript.add("tool_calls", arguments, tool)
-            if choice.get("finish_reason"):
+                text = self._text(delta.get(key), key, key)
+                if text:
+                    judged += self.transcript.add(key, text)
+            for call in tool_calls(delta.get("tool_calls")):
+                judged += self._take_tool_call(call)
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
                 self.finish = choice["finish_reason"]
         if judged:
             self.arrivals.append((self.transcript.size, time.perf_counter()))
         return judged
+
+    def _text(self, value, key, what: str) -> str:
+        """A delta's text field: "" if absent or null, else a string whose surrogate pairs may
+        come in two chunks (``key``: the field, or the tool call), checked once joined."""
+        if value is not None and not isinstance(value, str):
+            checked(value, what)  # raises: names the type
+        return checked(self.surrogates.join(key, value or ""), what)
+
+    def _take_tool_call(self, call) -> str:
+        """Record one tool call delta: a new call's head, or arguments for the call its
+        ``index`` names, wherever the last text went; returns its text to judge."""
+        index = call.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise sse.SSEError(f"an upstream tool call's 'index' is {index!r}, not a whole number")
+        function = function_of(call)
+        arguments = self._text(function.get("arguments"), ("tool", index), "tool call arguments")
+        if call.get("id") is not None or function.get("name") is not None:  # a new call
+            self.tools[index] = {"index": index, "id": call.get("id"), "type": call.get("type", "function"),
+                                 "name": function.get("name")}
+            return self.transcript.add("tool_calls", arguments, self.tools[index])
+        if not arguments:
+            return ""
+        tool = self.tools.get(index)
+        last = self.transcript.segments[-1] if self.transcript.segments else None
+        if tool is None or (last is not None and last.tool is tool):
+            return self.transcript.add("tool_calls", arguments)  # on the call's own segment
+        return self.transcript.add("tool_calls", arguments, tool)  # back to an earlier call
 
     def _release(self):
         now = time.perf_counter()

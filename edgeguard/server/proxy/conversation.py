@@ -5,7 +5,8 @@ so is ``tool`` (a tool's output is text the LLM reads, the same way it reads the
 ``assistant`` is an assistant turn (its text and its tool calls' arguments); ``system`` and
 ``developer`` messages are the app's own instructions and are not judged. Content may be a
 string or a list of parts: the text parts are judged, joined by newlines (other parts, such as
-images, pass to the upstream unjudged).
+images, pass to the upstream unjudged); so are the arguments of its tool calls and of a legacy
+``function_call``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def check_request(body: Mapping[str, Any]) -> None:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise HTTPError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                         "invalid_input")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise HTTPError(400, "'stream' must be true or false", "invalid_input")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise HTTPError(400, "'stream' must be true, false or null", "invalid_input")
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
         raise HTTPError(400, f"'n' must be 1 here: the guard judges one answer per request, got {n!r}",
@@ -55,8 +56,13 @@ def text_of(message: Mapping[str, Any], i: int = 0) -> str:
     elif content is not None:
         raise HTTPError(400, f"messages[{i}]: 'content' must be a string, a list of parts or null",
                         "invalid_input")
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, Mapping) else None
+    calls = message.get("tool_calls")
+    if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls)):
+        raise HTTPError(400, f"messages[{i}]: 'tool_calls' must be a list of objects", "invalid_input")
+    legacy = message.get("function_call")
+    if legacy is not None and not isinstance(legacy, Mapping):
+        raise HTTPError(400, f"messages[{i}]: 'function_call' must be an object", "invalid_input")
+    for function in [c.get("function") for c in calls or ()] + [legacy]:
         if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
             texts.append(function["arguments"])
     return "\n".join(t for t in texts if t)

@@ -76,7 +76,7 @@ def parse_chunk(data: str) -> dict[str, Any]:
         raise SSEError(f"an upstream event is not JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(chunk, dict):
         raise SSEError("an upstream event is not a JSON object")
-    if "error" in chunk:
+    if chunk.get("error") is not None:
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else error
         raise SSEError(f"the upstream reported an error: {str(message)[:500]}")

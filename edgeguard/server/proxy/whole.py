@@ -1,6 +1,7 @@
 """An answer judged whole: a request that does not stream, or any answer when only Gen is
 loaded. The upstream request starts while the prompt is judged; the answer is judged by Stream
-(or Gen's response mode) and sent whole, in one response or as one chunk."""
+(or Gen's response mode) and sent whole, in one response or as one chunk. Only the judged
+fields of its message reach the client (``upstream_text.whole_message``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from starlette.responses import JSONResponse, Response
 from edgeguard.server.errors import HTTPError
 from edgeguard.server.proxy import shapes, sse
 from edgeguard.server.proxy.response import cancel
+from edgeguard.server.proxy.upstream_text import whole_message
+
+# The answer object's fields besides its choices that the client gets: none holds model text.
+_ANSWER_KEYS = ("id", "object", "created", "model", "system_fingerprint", "service_tier", "usage")
 
 
 async def judge_whole(proxy, body: dict, turns: list[dict], prefill: str, streamed: bool) -> Response:
@@ -34,8 +39,13 @@ async def judge_whole(proxy, body: dict, turns: list[dict], prefill: str, stream
             or not isinstance(choices[0].get("message"), dict):
         raise HTTPError(502, "the upstream's answer has no single choice with a message", "upstream_invalid",
                         "server_error")
-    message = choices[0]["message"]
-    text = shapes.answer_text(message, prefill)
+    try:
+        text, message = whole_message(choices[0]["message"], prefill)
+    except sse.SSEError as e:
+        raise HTTPError(502, str(e), "upstream_invalid", "server_error") from None
+    finish = choices[0].get("finish_reason")
+    choices[0] = {"index": 0, "message": message, "finish_reason": finish if isinstance(finish, str) else None,
+                  "logprobs": None}
     verdict = None
     if text.strip():
         if state.stream is not None:
@@ -51,14 +61,16 @@ async def judge_whole(proxy, body: dict, turns: list[dict], prefill: str, stream
                        verdict.flagged_at if verdict is not None else None)
     proxy.metrics.requests.labels(str(streamed).lower(), action).inc()
     if not streamed:
-        return JSONResponse({**answer, "edgeguard": info})
+        kept = {k: answer[k] for k in _ANSWER_KEYS if k in answer}  # nothing else the model wrote
+        return JSONResponse({**kept, "choices": choices, "edgeguard": info})
     head = {k: answer.get(k) for k in ("id", "created", "model", "system_fingerprint") if k in answer}
     head["object"] = "chat.completion.chunk"
     message = choices[0]["message"]
-    delta = {"role": "assistant", **{k: message[k] for k in ("content", "reasoning_content", "tool_calls")
-                                     if message.get(k) is not None}}
+    delta = {k: v for k, v in message.items() if v is not None}
+    if isinstance(delta.get("content"), list):  # a chunk's content is a string
+        delta["content"] = "".join(part["text"] for part in delta["content"])
     for i, call in enumerate(delta.get("tool_calls") or ()):
-        call.setdefault("index", i)
+        call["index"] = i
     events = [sse.event(shapes.chunk(head, delta)),
               sse.event(shapes.chunk(head, {}, choices[0].get("finish_reason") or "stop", edgeguard=info))]
     if answer.get("usage") is not None:
