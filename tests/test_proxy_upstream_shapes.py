@@ -182,6 +182,13 @@ def test_interleaved_tool_call_arguments_go_to_their_own_call(cut):
     assert calls == {0: {"name": "f0", "arguments": '{"a": 1}'}, 1: {"name": "f1", "arguments": '{"b": 2}'}}
 
 
+def test_a_redirect_is_not_followed(cut):
+    for stream in (True, False):
+        r = post(cut, f"redirect-{stream}", Reply(status=302, error={"moved": True}), stream=stream)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_invalid", r.text
+        assert "redirect" in r.json()["error"]["message"]
+
+
 # -- client requests ---------------------------------------------------------------------------
 def test_stream_null_is_a_whole_answer(cut):
     r = post(cut, "stream-null", Reply(words(SAFE_ANSWERS[0])), stream=None)

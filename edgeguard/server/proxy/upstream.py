@@ -3,7 +3,8 @@ a whole answer read with a size cap), the model list, and the one-time probe of 
 continues an assistant message.
 
 Errors become the proxy's answers: unreachable -> 502, no answer within ``upstream_timeout`` ->
-504, both in OpenAI's error shape; an upstream 4xx/5xx is passed through as it came.
+504, a redirect (not followed) -> 502, in OpenAI's error shape; an upstream 4xx/5xx is passed
+through as it came.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class Upstream:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as e:
             raise unreachable(e, self.config.base) from e
+        if 300 <= response.status_code < 400:  # not followed: the chat would go where nobody asked
+            where = response.headers.get("location")
+            await response.aclose()
+            target = f" to {where}" if where else ""
+            raise HTTPError(502, f"the upstream answered {response.status_code} (a redirect{target}); give "
+                                 "--upstream the URL it redirects to", "upstream_invalid", "server_error")
         if response.status_code >= 400:
             try:
                 raw = await response.aread()
