@@ -350,3 +350,68 @@ def test_metadata_llama_cpp_aborts_on_is_a_model_error(models, tmp_path, key, va
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(key in line and "damaged" in line for line in lines), proc.stdout
+
+
+def _refused_in_a_child(path: Path) -> list[str]:
+    """Load ``path`` as a Backend and as a Vocab in a child process: the ModelError lines (a
+    native abort fails the caller's assertion on the return code instead of killing pytest)."""
+    script = textwrap.dedent(f"""
+        from edgeguard.runtime.backend import Backend, Vocab
+        from edgeguard.errors import ModelError
+        for load in (lambda: Backend({str(path)!r}, n_ctx=32, n_threads=1), lambda: Vocab({str(path)!r})):
+            try:
+                load()
+                print("loaded")
+            except ModelError as e:
+                print("refused:", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+
+def _config_cases():
+    import gguf
+
+    from tests.fixtures.tiny_gguf import default_vocab
+
+    u32, text = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
+    vocab = default_vocab(N_VOCAB)
+    repeated = [*vocab[:300], vocab[299], *vocab[301:]]  # one token's string twice, as a flipped byte can make it
+    return {  # name: (writer arguments, words the refusal names)
+        "duplicate token": ({"vocab_tokens": repeated}, "appears twice"),
+        "llama tokenizer on a BPE vocabulary": ({"tokenizer_model": "llama"}, "tokenizer.ggml.model"),
+        "rotary dimension other than the head": ({"extra_metadata": {"qwen3.rope.dimension_count": (64, u32)}},
+                                                 "rope.dimension_count"),
+        "unknown rope scaling": ({"extra_metadata": {"qwen3.rope.scaling.type": ("zzz", text)}}, "rope.scaling.type"),
+        "a layer without KV heads": ({"kv_heads": [2, 0]}, "head_count_kv"),
+        "heads not a multiple of KV heads": ({"heads": 5, "kv_heads": 2}, "groups of 2 KV heads"),
+        "odd head size": ({"head_dim": 127}, "even head size"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_config_cases()))
+def test_model_configs_llama_cpp_aborts_on_are_refused(tmp_path, case):
+    """Each of these configurations made llama.cpp 0.3.36 abort the process (a GGML_ASSERT at
+    load or at the first decode, or std::terminate), found by fuzzing converted models; the
+    load is refused with a ModelError naming the value. The same file without the fault loads."""
+    arguments, named = _config_cases()[case]
+    path = tmp_path / "model.gguf"
+    write_random_qwen3_gguf(path, n_vocab=N_VOCAB, seed=5, **arguments)
+    lines = _refused_in_a_child(path)
+    assert len(lines) == 2 and all(line.startswith("refused:") and named in line for line in lines), lines
+
+
+def test_key_and_value_head_sizes_that_differ_are_refused(tmp_path):
+    from gguf import GGUFReader
+
+    path = tmp_path / "model.gguf"
+    write_random_qwen3_gguf(path, n_vocab=N_VOCAB, seed=5)
+    assert _refused_in_a_child(path) == ["loaded", "loaded"]  # the file as written is sound
+    reader = GGUFReader(str(path), "r+")
+    reader.fields["qwen3.attention.value_length"].parts[-1][0] = 64
+    reader.data.flush()
+    del reader
+    lines = _refused_in_a_child(path)
+    assert all(line.startswith("refused:") and "needs the two equal" in line for line in lines), lines

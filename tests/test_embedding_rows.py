@@ -39,3 +39,26 @@ def test_bad_tables_are_clear_errors(tmp_path):
         EmbeddingRows(tmp_path / "vector.npy")
     with pytest.raises(ModelError, match="cannot read"):
         EmbeddingRows(tmp_path / "missing.npy")
+
+
+def test_damaged_headers_and_non_float_tables_are_clear_errors(tmp_path):
+    """numpy parses a .npy header as a Python literal: a flipped byte there raises parser errors
+    (tokenize.TokenError, SyntaxError), and a table of strings or raw bytes fails only when read;
+    each is a ModelError at open."""
+    np.save(tmp_path / "good.npy", np.zeros((100, 8), np.float16))
+    data = bytearray((tmp_path / "good.npy").read_bytes())
+    header_end = data.index(b"\n")
+    for offset, flip in [(o, f) for o in range(8, header_end) for f in (0x08, 0x09, 0x20, 0x7D)]:
+        damaged = bytearray(data)
+        damaged[offset] ^= flip
+        (tmp_path / "flipped.npy").write_bytes(bytes(damaged))
+        try:
+            table = EmbeddingRows(tmp_path / "flipped.npy")
+        except ModelError:
+            continue
+        table.rows([0])  # the flip left a readable float header: reading works
+        table.close()
+    for dtype in ("S2", "V2"):
+        np.save(tmp_path / f"{dtype}.npy", np.zeros((100, 8), dtype))
+        with pytest.raises(ModelError, match="floats"):
+            EmbeddingRows(tmp_path / f"{dtype}.npy")

@@ -108,8 +108,15 @@ class StreamGuard(EngineStats):
             if backend.n_embd != manifest.hidden_size:
                 raise ModelError(f"{files['model']} has hidden size {backend.n_embd}, "
                                  f"the manifest says {manifest.hidden_size}")
+            if self._table.shape[0] < self.vocab.n_vocab:
+                raise ModelError(f"{files['embeddings']} has {self._table.shape[0]} rows for a vocabulary of "
+                                 f"{self.vocab.n_vocab} tokens")
             self.device = self._engine.device
             self._heads = self._own(Heads(folder / files["heads"]))
+            widths = {"response_risk": len(self._risk["response"]), "query_risk": len(self._risk["query"]),
+                      "response_category": len(self._categories["response"]),
+                      "query_category": len(self._categories["query"])}
+            self._heads.expect(manifest.hidden_size, widths)
         except BaseException:
             self.close()
             raise

@@ -69,7 +69,7 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         try:
             self._template = env.from_string(source)
-        except TemplateError as e:
+        except (TemplateError, RecursionError, MemoryError) as e:
             raise ModelError(f"the model's chat template does not parse: {e}") from e
 
     def render(self, messages: Sequence[Message], **kwargs) -> str:
@@ -78,6 +78,10 @@ class ChatTemplate:
             return self._template.render(messages=data, add_generation_prompt=False, **kwargs)
         except TemplateError as e:
             raise UsageError(f"the model's chat template rejects this conversation: {e}") from e
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError, MemoryError) as e:
+            # a template that fails by itself (an overflowing range, endless recursion, a string
+            # too large to build): the model file is at fault, not the conversation
+            raise ModelError(f"the model's chat template fails: {type(e).__name__}: {str(e)[:200]}") from e
 
     def pieces(self, messages: Sequence[Message], **kwargs) -> list[tuple[bool, str]]:
         """The rendering as (is_control, text) pieces: the template's control tokens, and text

@@ -22,6 +22,43 @@ def _content_sha256(data: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _shape_problem(data) -> str | None:
+    """What in a manifest's content is not of the shape edgeguard writes (None: nothing)."""
+    if not isinstance(data, dict):
+        return "the manifest is not a JSON object"
+    for key in ("name", "architecture"):
+        if not isinstance(data.get(key), str):
+            return f"'{key}' is not a string"
+    if data.get("kind") not in ("gen", "stream"):
+        return f"'kind' is {data.get('kind')!r}, not 'gen' or 'stream'"
+    for key in ("context_length", "hidden_size"):
+        if not _whole(data.get(key)) or data[key] < 1:
+            return f"'{key}' is {data.get(key)!r}, not a positive whole number"
+    if not isinstance(data.get("source"), dict):
+        return "'source' is not an object"
+    if not _strings(data.get("quants")):
+        return "'quants' is not a list of names"
+    labels = data.get("labels")
+    if not isinstance(labels, dict) or not all(_strings(v) and v for v in labels.values()):
+        return "'labels' is not an object of non-empty lists of names"
+    files = data.get("files", {})
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not _whole(entry.get("size")) or entry["size"] < 0 \
+                or not isinstance(entry.get("role"), str) or not isinstance(entry.get("quant", ""), str):
+            return f"the entry of {name!r} in 'files' has no size and role"
+    return None
+
+
 def file_entry(path: Path, **extra) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_file(path), **extra}
 
@@ -62,14 +99,17 @@ class Manifest:
             if recorded is not None and recorded != _content_sha256(data):
                 raise IntegrityError(f"{path}: checksum mismatch (a damaged or edited manifest); "
                                      "convert or pull the model again")
-            data["quants"] = tuple(data["quants"])
             if data.get("format") != FORMAT:
                 raise ModelError(f"{path}: manifest format {data.get('format')} is not supported (need {FORMAT})")
+            problem = _shape_problem(data)
+            if problem:
+                raise ModelError(f"{path}: {problem} (a damaged or hand-edited manifest)")
+            data["quants"] = tuple(data["quants"])
             return cls(**data)
         except FileNotFoundError as e:
             raise ModelError(f"{folder}: no {MANIFEST_NAME} (not a converted edgeguard model)") from e
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ModelError(f"{path}: unreadable manifest ({e})") from e
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise ModelError(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:200]})") from e
 
     def file_for(self, role: str, quant: str | None = None) -> str:
         for fname, entry in self.files.items():

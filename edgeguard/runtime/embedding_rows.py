@@ -35,10 +35,14 @@ class EmbeddingRows:
                     raise ValueError(f"unsupported .npy format version {version}")
                 shape, fortran, dtype = read_header(f)
                 self._offset = f.tell()
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise ModelError(f"cannot read the embedding table {self.path.name}: {e}") from e
-        if len(shape) != 2 or fortran or dtype.hasobject:
-            raise ModelError(f"{self.path.name} is not a 2-D C-ordered numeric table (shape {list(shape)})")
+        except Exception as e:  # numpy parses the header as a Python literal: any parser error
+            raise ModelError(f"cannot read the embedding table {self.path.name}: its header is damaged "
+                             f"({type(e).__name__}: {str(e)[:200]})") from e
+        if len(shape) != 2 or fortran or dtype.kind != "f" or min(shape) < 1:
+            raise ModelError(f"{self.path.name} is not a 2-D C-ordered table of floats (shape {list(shape)}, "
+                             f"dtype {dtype})")
         self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self._row_bytes = self.shape[1] * dtype.itemsize

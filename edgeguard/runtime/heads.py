@@ -86,7 +86,21 @@ class Heads:
         width = inputs[0].shape[1]
         self.hidden_size = width if isinstance(width, int) else None
         self._names = names
+        self._widths: dict[str, int] = {}
         self.path = path
+
+    def expect(self, hidden_size: int, widths: dict[str, int]) -> None:
+        """A ModelError unless the heads take ``hidden_size`` values and their outputs have these
+        widths (the model's label counts) where the graph says; ``run`` then checks every output."""
+        if self.hidden_size is not None and self.hidden_size != hidden_size:
+            raise ModelError(f"{self.path.name} takes hidden states of {self.hidden_size} values; the model's "
+                             f"are {hidden_size}")
+        for output in self._session.get_outputs() if self._session is not None else ():
+            shape, want = output.shape, widths.get(output.name)
+            if want is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != want)):
+                raise ModelError(f"{self.path.name}: output {output.name} has shape {shape}; the model has "
+                                 f"{want} labels for it")
+        self._widths = dict(widths)
 
     def run(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
         """Head logits for hidden states [n, hidden]: ``{output name: float32 [n, k]}``."""
@@ -100,7 +114,14 @@ class Heads:
             values = self._session.run(None, {INPUT: data})
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed on the heads: {_one_line(exc)}") from exc
-        return dict(zip(self._names, values))
+        out = dict(zip(self._names, values))
+        for name, value in out.items():
+            want = (len(data), self._widths[name]) if name in self._widths else None
+            if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != 2 \
+                    or (want is not None and value.shape != want):
+                raise ModelError(f"{self.path.name}: output {name} is {getattr(value, 'dtype', type(value))} "
+                                 f"{list(getattr(value, 'shape', []))}, expected float {list(want or ['n', 'k'])}")
+        return out
 
     def close(self) -> None:
         self._session = None
