@@ -171,7 +171,6 @@ def _attention_line(att: dict) -> str:
     return f"Gen {kind(att['gen'])}; Stream {stream}; KV {att['stream_long_kv']} at every length ({att['why']})"
 
 
-
 def render(report: dict) -> str:
     """The report as aligned text lines for a terminal."""
     ort = report["onnxruntime"]

@@ -86,21 +86,26 @@ class Heads:
         width = inputs[0].shape[1]
         self.hidden_size = width if isinstance(width, int) else None
         self._names = names
-        self._widths: dict[str, int] = {}
+        self._unchecked: dict[str, int | None] = {}  # outputs run() checks: name -> width, or None
         self.path = path
 
     def expect(self, hidden_size: int, widths: dict[str, int]) -> None:
         """A ModelError unless the heads take ``hidden_size`` values and their outputs have these
-        widths (the model's label counts) where the graph says; ``run`` then checks every output."""
+        widths (the model's label counts) where the graph says; ``run`` checks the outputs whose
+        type, rank or width the graph leaves open (a converted graph declares all of them)."""
         if self.hidden_size is not None and self.hidden_size != hidden_size:
             raise ModelError(f"{self.path.name} takes hidden states of {self.hidden_size} values; the model's "
                              f"are {hidden_size}")
         for output in self._session.get_outputs() if self._session is not None else ():
             shape, want = output.shape, widths.get(output.name)
-            if want is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != want)):
+            if want is not None and isinstance(shape, list) and \
+                    (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != want)):
                 raise ModelError(f"{self.path.name}: output {output.name} has shape {shape}; the model has "
                                  f"{want} labels for it")
-        self._widths = dict(widths)
+            declared = output.type == "tensor(float)" and isinstance(shape, list) and len(shape) == 2 \
+                and isinstance(shape[1], int)
+            if not declared:
+                self._unchecked[output.name] = want
 
     def run(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
         """Head logits for hidden states [n, hidden]: ``{output name: float32 [n, k]}``."""
@@ -115,8 +120,9 @@ class Heads:
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime failed on the heads: {_one_line(exc)}") from exc
         out = dict(zip(self._names, values))
-        for name, value in out.items():
-            want = (len(data), self._widths[name]) if name in self._widths else None
+        for name, width in self._unchecked.items():
+            value = out[name]
+            want = None if width is None else (len(data), width)
             if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != 2 \
                     or (want is not None and value.shape != want):
                 raise ModelError(f"{self.path.name}: output {name} is {getattr(value, 'dtype', type(value))} "

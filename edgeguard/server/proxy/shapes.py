@@ -11,7 +11,6 @@ from starlette.responses import JSONResponse, Response
 
 from edgeguard.server.errors import HTTPError, http_error
 from edgeguard.server.proxy import sse
-from edgeguard.server.proxy.release import SEPARATOR
 from edgeguard.server.proxy.upstream import unreachable
 
 
@@ -50,23 +49,6 @@ def error_body(error: BaseException, base: str, config) -> dict:
         error = HTTPError(502, str(error), "upstream_invalid", "server_error")
     e = http_error(error, config)
     return {"message": e.message, "type": e.kind, "code": e.code}
-
-
-def answer_text(message: dict, prefill: str) -> str:
-    """The judged text of a whole answer: reasoning, content (after a client's prefill), tool
-    calls' arguments."""
-    parts = []
-    if isinstance(message.get("reasoning_content"), str) and message["reasoning_content"]:
-        parts.append(message["reasoning_content"])
-    content = message.get("content")
-    content = content if isinstance(content, str) else ""
-    if prefill or content:
-        parts.append(prefill + content)
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str) and function["arguments"]:
-            parts.append(function["arguments"])
-    return SEPARATOR.join(parts)
 
 
 def tool_call_delta(tool: dict[str, Any], arguments: str) -> dict[str, Any]:

@@ -50,7 +50,9 @@ class Surrogates:
         if text and ord(text[-1]) in _HIGH:
             self._held[key] = text[-1]
             text = text[:-1]
-        if any(0xD800 <= ord(c) < 0xE000 for c in text):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # surrogates: pairs become their characters, lone ones stay
             text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
         return text
 
