@@ -291,6 +291,8 @@ def main() -> int:
             "edgeguard": ("stream_edgeguard", {"folder": paths["stream"]}),
             "edgeguard-budget-1GB": ("stream_edgeguard", {"folder": paths["stream"], "max_memory_mb": 1000}),
             "edgeguard-f16-keys": ("stream_edgeguard", {"folder": paths["stream"], "kv_type": "f16"}),
+            "edgeguard-q8_0-keys": ("stream_edgeguard", {"folder": paths["stream"], "kv_type": "q8_0-keys"}),
+            "edgeguard-q8_0": ("stream_edgeguard", {"folder": paths["stream"], "kv_type": "q8_0"}),
         }
         plain = str(models.gguf_path(Path(paths["plain"]), "q4_k_m"))
         for name, (fa, kv) in BARE.items():

@@ -138,14 +138,18 @@ def _attention(device: str) -> dict:
     from edgeguard.engines import gen, stream
     from edgeguard.runtime.kernels import choose_flash_attn
 
+    def kv(defaults) -> str:
+        return defaults.kv_type if device == "cpu" else defaults.gpu_kv_type
+
     def pick(defaults):
-        return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type)
+        return choose_flash_attn(None, defaults.flash_attn, device, kv(defaults))
 
     return {
         "gen": pick(gen.DEFAULTS),
         "stream_one_session": pick(stream.DEFAULTS),
         "stream_several_sessions": pick(stream.DEFAULTS),
-        "stream_long_kv": stream.DEFAULTS.kv_type,
+        "gen_kv": kv(gen.DEFAULTS),
+        "stream_kv": kv(stream.DEFAULTS),  # f16 instead where a model's head size rules it out
         "why": "one attention kind and one KV type per guard, whatever the load, so scores do not "
                "depend on other requests (docs/performance.md); flash attention computes each token "
                "over its own sequence's cells (option: flash_attn=False, faster at long contexts on "
@@ -168,7 +172,8 @@ def _attention_line(att: dict) -> str:
         return "flash" if on else "plain"
     one, several = att["stream_one_session"], att["stream_several_sessions"]
     stream = kind(one) if one == several else f"{kind(one)} for one session, {kind(several)} for several"
-    return f"Gen {kind(att['gen'])}; Stream {stream}; KV {att['stream_long_kv']} at every length ({att['why']})"
+    return (f"Gen {kind(att['gen'])}, KV {att['gen_kv']}; Stream {stream}, KV {att['stream_kv']}; "
+            f"at every length ({att['why']})")
 
 
 def render(report: dict) -> str:

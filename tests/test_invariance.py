@@ -204,7 +204,8 @@ except EdgeguardError as e:
 def test_no_model_config_aborts_the_process(head_dim, tmp_path):
     """Any head size, any KV type, a context past 4,096 cells: a clear error or a result, never
     a native abort (llama.cpp aborts on a q8_0 cache whose block size does not divide the head
-    size). Run in a child process, so an abort fails the test instead of killing pytest."""
+    size); the default takes f16 where q8_0 keys cannot hold the heads. Run in a child
+    process, so an abort fails the test instead of killing pytest."""
     import subprocess
     import sys
 
@@ -219,6 +220,8 @@ def test_no_model_config_aborts_the_process(head_dim, tmp_path):
         out = run.stdout.strip()
         if kv in ("auto", "f16") or head_dim % 32 == 0:
             assert out.startswith("ok"), (head_dim, kv, out)
+            if kv == "auto":  # the CPU default, q8_0 keys, where its blocks divide the heads
+                assert out.split()[1] == ("q8_0-keys" if head_dim % 32 == 0 else "f16"), out
         else:
             assert out.startswith("refused UsageError") and f"hold {head_dim}" in out, out
 

@@ -143,6 +143,12 @@ def test_kv_type_choice():
     assert choose_kv_type(None, "f16", fits=lambda kv: kv != "f16") == "q8_0-keys"
     assert choose_kv_type(None, "f16", fits=lambda kv: kv == "q8_0") == "q8_0"
     assert choose_kv_type(None, "f16", usable=lambda kv: kv == "f16", fits=lambda kv: kv != "f16") == "f16"
+    # Stream's CPU default: q8_0 keys; f16 where the head size rules q8_0 out; none fitting, the smallest
+    assert choose_kv_type(None, "q8_0-keys") == "q8_0-keys"
+    assert choose_kv_type(None, "q8_0-keys", usable=lambda kv: kv == "f16") == "f16"
+    assert choose_kv_type(None, "q8_0-keys", fits=lambda kv: kv == "q8_0") == "q8_0"
+    assert choose_kv_type(None, "q8_0-keys", fits=lambda kv: False) == "q8_0"
+    assert choose_kv_type(None, "q8_0-keys", usable=lambda kv: kv == "f16", fits=lambda kv: False) == "f16"
 
 
 @pytest.mark.parametrize("head,ok", [(128, ("f16", "q8_0-keys", "q8_0")), (64, ("f16", "q8_0-keys", "q8_0")),

@@ -89,7 +89,19 @@ def test_check_matches_torch(guard, torch_model):
     json.dumps(verdict.to_dict())
 
 
-def test_response_tokens_match_torch(guard, torch_model):
+@pytest.mark.parametrize("kv_type", [None, "f16"])
+def test_response_tokens_match_torch(folder, guard, torch_model, kv_type):
+    """Per-token scores against the oracle, with the default KV cache (q8_0 keys on the CPU for
+    this model's 128-wide heads) and with f16 keys (docs/long-inputs.md quotes both)."""
+    if kv_type is not None:
+        with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv_type)) as g:
+            _response_tokens_match_torch(g, torch_model)
+    else:
+        assert guard.kv_type == ("q8_0-keys" if guard.device.device == "cpu" else "f16")
+        _response_tokens_match_torch(guard, torch_model)
+
+
+def _response_tokens_match_torch(guard, torch_model):
     tokens, end = guard.prompt_tokens(PROMPT)
     response = guard.vocab.tokenize(RESPONSE)
     expected = oracle.stream_logits(torch_model, tokens + response)
@@ -100,7 +112,7 @@ def test_response_tokens_match_torch(guard, torch_model):
     diff = np.abs(scores_of(verdicts) - want).max()
     query = oracle_probs(torch_model, guard, expected["query_risk"][end], "query")
     qdiff = np.abs(np.array([prompt_verdict.scores[k] for k in LABELS]) - query).max()
-    print(f"{len(response)} response tokens: risk max |diff| {diff:.2e}; prompt {qdiff:.2e}")
+    print(f"KV {guard.kv_type}, {len(response)} response tokens: risk max |diff| {diff:.2e}; prompt {qdiff:.2e}")
     assert diff < ORACLE_TOL and qdiff < ORACLE_TOL
     names = guard.manifest.labels["response_category"]
     for v, logits in zip(verdicts, expected["response_category"][len(tokens):]):
@@ -294,7 +306,8 @@ def test_grown_size_steps():
 
 def test_growth_keeps_the_guards_kv_type_and_attention(folder, guard, monkeypatch):
     """A context that grows past LONG_CTX keeps the KV type and attention kind the guard was
-    loaded with (f16 keys, flash attention), so a session's scores are those of a guard whose
+    loaded with (the CPU default, q8_0 keys for this model's 128-wide heads, and flash
+    attention), so a session's scores are those of a guard whose
     context never grew, within the batch-invariance bound of 1e-5 (docs/performance.md)."""
     import edgeguard.engines.core as engine_module
     import edgeguard.engines.stream as stream_module
@@ -308,7 +321,7 @@ def test_growth_keeps_the_guards_kv_type_and_attention(folder, guard, monkeypatc
     with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
         with g.session(PROMPT) as s:
             got = [v.scores for v in s.feed(ids)]
-        assert g.context_size > 32 and g.flash_attn and g.kv_type == "f16"
+        assert g.context_size > 32 and g.flash_attn and g.kv_type == "q8_0-keys"
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
@@ -332,7 +345,7 @@ def test_plain_attention_decodes_long_contexts_in_small_batches(folder, guard, m
         assert g._engine.batch == stream_module.DEFAULTS.batch  # 32 cells: not long yet
         with g.session(PROMPT) as s:
             got = [v.scores for v in s.feed(ids)]
-        assert g.context_size > 32 and not g.flash_attn and g.kv_type == "f16"
+        assert g.context_size > 32 and not g.flash_attn and g.kv_type == "q8_0-keys"
         assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
     for a, b in zip(got, expected):
         assert max(abs(a[k] - b[k]) for k in a) <= 1e-5

@@ -22,7 +22,14 @@ from typing import Any, TypeVar, cast
 
 from edgeguard.errors import InputTooLong, UsageError
 from edgeguard.runtime.backend import Backend, choose_device
-from edgeguard.runtime.kernels import RUNTIME_MB, MemoryPlan, choose_flash_attn, choose_kv_type, plan_memory
+from edgeguard.runtime.kernels import (
+    RUNTIME_MB,
+    MemoryPlan,
+    choose_flash_attn,
+    choose_kv_type,
+    kv_preference,
+    plan_memory,
+)
 from edgeguard.runtime.llama_model import release_free_heap
 
 log = logging.getLogger("edgeguard")
@@ -77,10 +84,11 @@ class Timings:
 class Defaults:
     """An engine's choices where its options say ``None``."""
 
-    kv_type: str
+    kv_type: str  # on the CPU; a model whose head size rules it out takes f16
     repack: bool
     flash_attn: bool | None
     initial_ctx: int
+    gpu_kv_type: str = "f16"  # llama.cpp's GPU flash attention wants keys and values of one type
     batch: int = 256  # tokens per llama.cpp decode: bounds the compute buffer
     long_batch: int = 64  # the same past LONG_CTX cells with plain attention (see _batch_for)
     runtime_mb: float = RUNTIME_MB  # what max_memory_mb reserves besides the weights and the KV cache
@@ -109,7 +117,8 @@ class Engine:
         self.options = options
         self.gguf = Path(gguf)
         self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-        self.kv_type = choose_kv_type(options.kv_type, defaults.kv_type)
+        self.default_kv_type = defaults.kv_type if self.device.device == "cpu" else defaults.gpu_kv_type
+        self.kv_type = choose_kv_type(options.kv_type, self.default_kv_type)
         self.repack = defaults.repack if options.repack is None else options.repack
         self.defaults = defaults
         self.flash_attn = choose_flash_attn(options.flash_attn, defaults.flash_attn, self.device.device,
@@ -126,18 +135,18 @@ class Engine:
         self.memory_plan: MemoryPlan | None = None
         self.backend: Backend | None = self._new_backend(min(self.max_ctx, defaults.initial_ctx))
         if options.max_memory_mb is not None:
-            self._fit_memory(options, defaults)
-        elif options.kv_type is None and self.backend.kv_problem(self.kv_type):
-            self._fix_kv(choose_kv_type(None, "f16"), self.backend.n_ctx)
+            self._fit_memory(options)
+        elif self.backend.kv_type != self.kv_type:  # the default's blocks do not divide the heads
+            self._fix_kv(self.backend.kv_type, self.backend.n_ctx)
 
-    def _fit_memory(self, options: EngineOptions, defaults: Defaults) -> None:
+    def _fit_memory(self, options: EngineOptions) -> None:
         b = self.backend
+        defaults = self.defaults
         budget = options.max_memory_mb
         assert b is not None and budget is not None  # called from __init__, with a budget, on a new backend
         candidates = [options.kv_type] if options.kv_type else [
-            kv for kv in dict.fromkeys([defaults.kv_type, "q8_0-keys"] + (["q8_0"] if options.flash_attn is not False
-                                                                           else []))
-            if not b.kv_problem(kv)]
+            kv for kv in kv_preference(self.default_kv_type)
+            if not b.kv_problem(kv) and (kv != "q8_0" or options.flash_attn is not False)]
         try:
             plan = plan_memory(budget, weights_mb=b.weights_mb,
                                kv_values_per_token=b.kv_values_per_token, candidates=candidates,
@@ -149,7 +158,7 @@ class Engine:
             self.close()
             raise
         # One KV type for the guard's life: the one that holds its largest context under the budget.
-        kv = choose_kv_type(options.kv_type, defaults.kv_type, usable=lambda k: k in plan.caps,
+        kv = choose_kv_type(options.kv_type, self.default_kv_type, usable=lambda k: k in plan.caps,
                             fits=lambda k: plan.caps[k] >= plan.max_tokens)
         self._fix_kv(kv, min(self.max_cached, defaults.initial_ctx))
 
@@ -191,7 +200,8 @@ class Engine:
         self.batch = self._batch_for(n_ctx)
         return Backend(self.gguf, n_ctx=n_ctx, mode=self.mode, n_batch=self.batch, n_seq=self.n_seq,
                        n_threads=o.n_threads, n_gpu_layers=self.device.n_gpu_layers, kv_type=self.kv_type,
-                       repack=self.repack, flash_attn=self.flash_attn, verbose=o.verbose)
+                       kv_fallback=None if o.kv_type else "f16", repack=self.repack,
+                       flash_attn=self.flash_attn, verbose=o.verbose)
 
     # -- sequences -------------------------------------------------------------------------------
     def acquire(self, what: str = "sequence") -> int:

@@ -35,8 +35,14 @@ from edgeguard.verdict import LABELS, StreamState, TokenVerdict, Verdict
 IM_END = "<|im_end|>"
 # Where the response starts: the rendering of a probe assistant message is cut at its content.
 _PROBE = "\ue000edgeguard-response\ue001"
-# Per-token speed is what Stream is for: an f16 KV cache makes a decode step fastest (a q8_0
-# cache saves memory but costs ~15% a step); llama.cpp's repacked weights are on (a step ~25%
+# Per-token speed is what Stream is for. On the CPU the KV cache holds its keys in q8_0 and its
+# values in f16: a step reads half the key bytes (at 7,000 cached tokens 0.77x the time of f16
+# keys, at 100 ~0.93x; 0.77x the memory), and llama.cpp's flash attention takes its per-query
+# kernel for keys and values of different types, so scores stay batch-invariant; the scores
+# move ~2x as far from the PyTorch oracle as with f16 keys (2.5e-3 against 1.1e-3 on the tiny
+# random fixture, tests/test_stream.py). A model whose head size q8_0's blocks of 32 do not
+# divide, and a GPU, take f16. A q8_0 cache (quantized values too) saves more memory but makes
+# a step slower than f16 (docs/long-inputs.md). llama.cpp's repacked weights are on (a step ~25%
 # faster on an Intel Xeon, ~1% on an AMD EPYC; ``decode_shapes`` keeps their 4-token kernel off
 # streamed tokens); flash attention is on, one setting for the guard's life, so no session's
 # scores depend on others (``kernels.choose_flash_attn``).
@@ -47,7 +53,7 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # repacked-weight and compute buffers, Python, a growth's transient); 300 MB covers the ~240 MB
 # measured for the 0.6B model fed to 7,000 tokens, with room for the growth's transient
 # (bench/long_bench.py's stream_edgeguard worker; docs/long-inputs.md).
-DEFAULTS = Defaults(kv_type="f16", repack=True, flash_attn=None, initial_ctx=512, runtime_mb=300)
+DEFAULTS = Defaults(kv_type="q8_0-keys", repack=True, flash_attn=None, initial_ctx=512, runtime_mb=300)
 
 
 @dataclass(frozen=True)

@@ -110,13 +110,15 @@ class Backend:
         n_gpu_layers: int = 0,
         flash_attn: bool | None = None,
         kv_type: str = "f16",
+        kv_fallback: str | None = None,
         repack: bool = True,
         verbose: bool = False,
     ) -> None:
         """``kv_type`` "q8_0" halves the KV cache's memory (llama.cpp then needs flash
-        attention), "q8_0-keys" quantizes the keys only; ``repack=False`` leaves the quantized weights in the
-        memory-mapped file (shared page cache) instead of the private copy that llama.cpp's
-        faster CPU kernels need."""
+        attention), "q8_0-keys" quantizes the keys only; ``kv_fallback``: the type to take
+        instead when this model's head size rules ``kv_type`` out (None: a UsageError);
+        ``repack=False`` leaves the quantized weights in the memory-mapped file (shared page
+        cache) instead of the private copy that llama.cpp's faster CPU kernels need."""
         if mode not in ("logits", "embeddings"):
             raise UsageError(f"mode must be 'logits' or 'embeddings', got {mode!r}")
         _check_context(n_ctx, n_batch, n_seq, kv_type)
@@ -126,6 +128,7 @@ class Backend:
         self.n_batch = n_batch
         self.n_seq = n_seq
         self.kv_type = kv_type
+        self.kv_fallback = kv_fallback
         self.flash_attn = flash_attn
         self.n_threads = threads
         self.n_past = [0] * n_seq
@@ -171,7 +174,10 @@ class Backend:
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[self.flash_attn]
-        problem = kv_type_problem(self.kv_type, self.head_dim, self.head_dim_v)
+        problem = self.kv_problem(self.kv_type)
+        if problem and self.kv_fallback and not self.kv_problem(self.kv_fallback):
+            log.info("KV cache %s instead of %s: %s", self.kv_fallback, self.kv_type, problem)
+            self.kv_type, problem = self.kv_fallback, None
         if problem:
             raise UsageError(problem)
         params.type_k, params.type_v = self.cache_types

@@ -224,19 +224,26 @@ def kv_type_problem(kv_type: str, head_k: int, head_v: int) -> str | None:
     return None
 
 
+def kv_preference(default: str) -> list[str]:
+    """KV types in the order a guard takes them: its default, then smaller ones, then f16 (which
+    every head size can use)."""
+    return list(dict.fromkeys([default, "q8_0-keys", "q8_0", "f16"]))
+
+
 def choose_kv_type(asked: str | None, default: str, *, usable=None, fits=None) -> str:
     """The KV cache's type, one per guard (never changed by load or growth, so a conversation's
     scores do not depend on when its neighbours made the context grow): as asked; else
     ``default`` when it ``fits`` (a memory budget for the guard's largest context; None: all
-    do); else the first that fits of q8_0 keys (0.77x of f16's bytes), then q8_0 (0.53x).
-    ``usable(kv)`` (None: all are) drops the types this model's head size rules out."""
+    do); else the first that fits of q8_0 keys (0.77x of f16's bytes), q8_0 (0.53x) and f16;
+    none fitting, the smallest. ``usable(kv)`` (None: all are) drops the types this model's
+    head size rules out."""
     if asked:
         return asked
-    order = [kv for kv in dict.fromkeys([default, "q8_0-keys", "q8_0"]) if usable is None or usable(kv)]
+    order = [kv for kv in kv_preference(default) if usable is None or usable(kv)]
     for kv in order:
         if fits is None or fits(kv):
             return kv
-    return order[-1] if order else default
+    return min(order, key=KV_BYTES.__getitem__) if order else default
 
 
 KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}  # bytes per cached value
