@@ -27,9 +27,12 @@ def _by_kind(items, times):
 def edgeguard_vs_llama(args: dict) -> dict:
     """One quant, one thread count: interleaved edgeguard check / llama.cpp generation."""
     import edgeguard
+    import edgeguard.engines.gen
     from bench.models import gguf_path
     from bench.stream_bench import BareLlama
 
+    if args.get("guess"):  # the label a lone check speculates on (run.py --gen-guess)
+        edgeguard.engines.gen.GUESS_LABEL = args["guess"]
     folder, quant, threads = Path(args["folder"]), args["quant"], int(args["threads"])
     items, reps = args["inputs"], int(args.get("reps", 1))
     baseline = bool(args.get("baseline", True))
@@ -91,6 +94,7 @@ def edgeguard_vs_llama(args: dict) -> dict:
     return {
         "quant": quant,
         "threads": threads,
+        "guess": edgeguard.engines.gen.GUESS_LABEL,
         "load_s": load_s,
         "llama_load_s": llm_load_s if baseline else None,
         "ours": stats_ms(ours_t),

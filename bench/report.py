@@ -199,7 +199,9 @@ def markdown(res: dict) -> str:
             "edgeguard `GenGuard.check` (prefix cache, scored read-outs) vs llama.cpp's C API greedy "
             "generation of 9 tokens on the same GGUF and tokens, fresh KV per check; interleaved input by "
             "input. transformers `generate` (greedy, 9 new tokens) on a subset of the same inputs. "
-            "Times in ms (median / p90).",
+            "Times in ms (median / p90). A lone check speculates that the label is "
+            f"{next(iter(g['quants'].values())).get('guess', 'Safe')} and reads the category in the same decode; "
+            "a wrong guess costs one short decode more (`readout` below).",
             "",
             "| quant | edgeguard short | llama.cpp short | ratio short (<= 0.33) | edgeguard all | "
             "llama.cpp all | ratio all | vs tf bf16 short (<= 0.167) | vs tf bf16 subset | vs tf fp32 subset |",

@@ -53,6 +53,12 @@ def main() -> int:
     ap.add_argument(
         "--no-transformers", action="store_true", help="leave out the transformers baselines of gen and stream"
     )
+    ap.add_argument(
+        "--gen-guess",
+        default=None,
+        help="the label a lone Gen check speculates on (edgeguard's: Safe). The random-weight models answer "
+        "Unsafe, so every check pays for a wrong guess; --gen-guess Unsafe times the checks whose guess is right",
+    )
     a = ap.parse_args()
     only = set(a.only.split(","))
     quick = a.quick
@@ -121,6 +127,7 @@ def main() -> int:
                     "reps": 1,
                     "tag": q,
                     "device": a.device,
+                    "guess": a.gen_guess,
                 },
                 timeout=600,
             )
