@@ -6,8 +6,8 @@ check time and peak memory against input length (Gen), next to bare llama.cpp.
 Every configuration runs in a fresh worker process (peak RSS = that process's VmHWM):
 
 - Stream: one session fed random response tokens in chunks; at each position the median of
-  ``probe`` single-token feeds. edgeguard with its defaults, under a 1 GB memory budget, and
-  with an f16 KV cache throughout (``kv_type="f16"``: no q8_0 keys past 4,096 cells);
+  ``probe`` single-token feeds. edgeguard with its defaults (q8_0 keys on the CPU), under a 1 GB
+  memory budget, and with ``kv_type`` "f16", "q8_0-keys" or "q8_0" asked for;
   bare llama.cpp on the plain full-vocabulary GGUF of the same weights with its context of
   8,192 allocated up front: flash attention on and off with an f16 KV cache, on with q8_0, and
   off with q8_0 keys and f16 values.

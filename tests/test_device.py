@@ -108,12 +108,13 @@ def test_doctor_reports_and_self_tests_in_a_child():
     # one attention kind per guard, whatever the load: flash attention for one session and for many
     assert report["attention"]["gen"] is True and report["attention"]["stream_several_sessions"] is True
     assert report["attention"]["stream_one_session"] is True
-    # one KV type per guard, at every length: q8_0 keys for Stream on the CPU
-    assert (report["attention"]["gen_kv"], report["attention"]["stream_kv"]) == ("f16", "q8_0-keys")
+    # one KV type per guard, at every length: q8_0 keys for Stream on the CPU, f16 on a GPU
+    stream_kv = "q8_0-keys" if report["device"]["use"] in ("cpu", None) else "f16"
+    assert (report["attention"]["gen_kv"], report["attention"]["stream_kv"]) == ("f16", stream_kv)
     text = subprocess.run([sys.executable, "-m", "edgeguard", "doctor", "--no-self-test"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert text.returncode == 0 and "CPU kernels" in text.stdout and "healthy" in text.stdout
-    assert "attention      Gen flash, KV f16; Stream flash, KV q8_0-keys; " in text.stdout
+    assert f"attention      Gen flash, KV f16; Stream flash, KV {stream_kv}; " in text.stdout
 
 
 IMPORTS = {

@@ -59,6 +59,11 @@ def torch_model(stream_ckpt):
     return oracle.load_torch(stream_ckpt)
 
 
+def _default_kv(guard) -> str:
+    """Stream's default KV type for this fixture (heads of 128): q8_0 keys on the CPU, f16 on a GPU."""
+    return "q8_0-keys" if guard.device.device == "cpu" else "f16"
+
+
 def scores_of(verdicts) -> np.ndarray:
     return np.array([[v.scores[k] for k in LABELS] for v in verdicts])
 
@@ -97,7 +102,7 @@ def test_response_tokens_match_torch(folder, guard, torch_model, kv_type):
         with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(kv_type=kv_type)) as g:
             _response_tokens_match_torch(g, torch_model)
     else:
-        assert guard.kv_type == ("q8_0-keys" if guard.device.device == "cpu" else "f16")
+        assert guard.kv_type == _default_kv(guard)
         _response_tokens_match_torch(guard, torch_model)
 
 
@@ -306,7 +311,7 @@ def test_grown_size_steps():
 
 def test_growth_keeps_the_guards_kv_type_and_attention(folder, guard, monkeypatch):
     """A context that grows past LONG_CTX keeps the KV type and attention kind the guard was
-    loaded with (the CPU default, q8_0 keys for this model's 128-wide heads, and flash
+    loaded with (its default, q8_0 keys on the CPU for this model's 128-wide heads, and flash
     attention), so a session's scores are those of a guard whose
     context never grew, within the batch-invariance bound of 1e-5 (docs/performance.md)."""
     import edgeguard.engines.core as engine_module
@@ -321,7 +326,7 @@ def test_growth_keeps_the_guards_kv_type_and_attention(folder, guard, monkeypatc
     with StreamGuard(folder, Manifest.read(folder), "f16", options=StreamOptions(max_sessions=2)) as g:
         with g.session(PROMPT) as s:
             got = [v.scores for v in s.feed(ids)]
-        assert g.context_size > 32 and g.flash_attn and g.kv_type == "q8_0-keys"
+        assert g.context_size > 32 and g.flash_attn and g.kv_type == _default_kv(g)
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
@@ -345,7 +350,7 @@ def test_plain_attention_decodes_long_contexts_in_small_batches(folder, guard, m
         assert g._engine.batch == stream_module.DEFAULTS.batch  # 32 cells: not long yet
         with g.session(PROMPT) as s:
             got = [v.scores for v in s.feed(ids)]
-        assert g.context_size > 32 and not g.flash_attn and g.kv_type == "q8_0-keys"
+        assert g.context_size > 32 and not g.flash_attn and g.kv_type == _default_kv(g)
         assert g._engine.batch == 4  # (never below the sequences: llama.cpp needs a row for each)
     for a, b in zip(got, expected):
         assert max(abs(a[k] - b[k]) for k in a) <= 1e-5

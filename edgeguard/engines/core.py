@@ -88,7 +88,7 @@ class Defaults:
     repack: bool
     flash_attn: bool | None
     initial_ctx: int
-    gpu_kv_type: str = "f16"  # llama.cpp's GPU flash attention wants keys and values of one type
+    gpu_kv_type: str = "f16"  # on a GPU: the type the GPU path is measured and tested with
     batch: int = 256  # tokens per llama.cpp decode: bounds the compute buffer
     long_batch: int = 64  # the same past LONG_CTX cells with plain attention (see _batch_for)
     runtime_mb: float = RUNTIME_MB  # what max_memory_mb reserves besides the weights and the KV cache
@@ -406,8 +406,10 @@ class EngineStats:
     @property
     def kv_type(self) -> str:
         """The KV cache's type: "f16", "q8_0-keys" (q8_0 keys, f16 values) or "q8_0"; one for the
-        guard's life: as asked, else f16, else (under ``max_memory_mb``) the type that holds the
-        largest context the budget allows (``kernels.choose_kv_type``)."""
+        guard's life: as asked, else the engine's default (Gen f16; Stream q8_0-keys on the CPU,
+        f16 on a GPU or where the model's head size rules q8_0 out), else (under
+        ``max_memory_mb``) the type that holds the largest context the budget allows
+        (``kernels.choose_kv_type``)."""
         return self._engine.kv_type
 
     @property

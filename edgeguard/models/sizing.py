@@ -25,7 +25,7 @@ TOKENIZER_BYTES = 5_930_000
 # What an engine uses besides weights and KV cache (edgeguard.runtime.kernels.RUNTIME_MB for Gen,
 # the Stream engine's Defaults.runtime_mb for Stream: both measured, see docs/long-inputs.md).
 RUNTIME_MB = {"gen": 200, "stream": 300}
-KV_VALUE_BYTES = 2  # the f16 KV cache every engine starts with
+KV_VALUE_BYTES = 2  # an f16 KV cache: Gen's; an upper bound for Stream's q8_0 keys on a CPU (0.77x)
 DEFAULT_CTX = 2048  # a Gen check of ~300 template tokens plus a long input; a Stream session
 STREAM_DUMMY_VOCAB = 8  # rows of the placeholder embedding in the Stream backbone GGUF
 MB = 2**20
