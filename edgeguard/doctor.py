@@ -201,7 +201,8 @@ def render(report: dict) -> str:
     if "self_test" in report:
         st = report["self_test"]
         lines.append("self-test      " + (
-            f"ok ({st.get('device')}, {st.get('kernels')}, {st.get('decode_ms')} ms)" if st["ok"]
+            f"ok ({st.get('device')}, {st.get('kernels')}, KV {st.get('kv_type')}, {st.get('decode_ms')} ms)"
+            if st["ok"]
             else f"skipped: {st.get('error')}" if st.get("skipped") else f"FAILED: {st.get('error')}"))
     lines += _fit_lines(report.get("model_fit"))
     lines += [f"note           {n}" for n in report["notes"]]

@@ -59,7 +59,9 @@ def write_backbone(path: Path, seed: int = 0) -> None:
 
 
 def run(folder: Path, device: str) -> dict:
-    """Write, quantize, load with edgeguard's settings and decode; returns what was seen."""
+    """Write, quantize, load with edgeguard's settings and decode; returns what was seen. The
+    context is Stream's: flash attention and its KV type on this device (q8_0 keys on the CPU)."""
+    from edgeguard.engines.stream import DEFAULTS
     from edgeguard.runtime.backend import Backend, choose_device
     from edgeguard_convert.quantize import quantize
 
@@ -72,13 +74,15 @@ def run(folder: Path, device: str) -> dict:
     choice = choose_device(device)
     rows = np.random.default_rng(1).standard_normal((BATCH, HIDDEN)).astype(np.float32)
     t0 = time.perf_counter()
-    with Backend(q4, n_ctx=256, mode="embeddings", n_batch=64, n_threads=None,
-                 n_gpu_layers=choice.n_gpu_layers, repack=True) as backend:
+    kv = DEFAULTS.kv_type if choice.device == "cpu" else DEFAULTS.gpu_kv_type
+    with Backend(q4, n_ctx=256, mode="embeddings", n_batch=64, n_threads=None, n_gpu_layers=choice.n_gpu_layers,
+                 repack=True, flash_attn=True, kv_type=kv, kv_fallback="f16") as backend:
         hidden = backend.eval(embd=rows, outputs=range(BATCH))
         step = backend.eval(embd=rows[:1], outputs=(0,))
         return {
             "ok": bool(np.isfinite(hidden).all() and np.isfinite(step).all()),
             "device": choice.device,
+            "kv_type": backend.kv_type,
             "kernels": backend.kernel_plan.kernels,
             "buffers": backend.buffers,
             "decode_ms": round((time.perf_counter() - t0) * 1e3, 1),

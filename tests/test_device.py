@@ -111,6 +111,7 @@ def test_doctor_reports_and_self_tests_in_a_child():
     # one KV type per guard, at every length: q8_0 keys for Stream on the CPU, f16 on a GPU
     stream_kv = "q8_0-keys" if report["device"]["use"] in ("cpu", None) else "f16"
     assert (report["attention"]["gen_kv"], report["attention"]["stream_kv"]) == ("f16", stream_kv)
+    assert report["self_test"]["kv_type"] == stream_kv  # the self-test decodes with Stream's cache
     text = subprocess.run([sys.executable, "-m", "edgeguard", "doctor", "--no-self-test"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert text.returncode == 0 and "CPU kernels" in text.stdout and "healthy" in text.stdout
