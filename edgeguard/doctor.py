@@ -138,18 +138,15 @@ def _attention(device: str) -> dict:
     from edgeguard.engines import gen, stream
     from edgeguard.runtime.kernels import choose_flash_attn
 
-    def kv(defaults) -> str:
-        return defaults.kv_type if device == "cpu" else defaults.gpu_kv_type
-
     def pick(defaults):
-        return choose_flash_attn(None, defaults.flash_attn, device, kv(defaults))
+        return choose_flash_attn(None, defaults.flash_attn, device, defaults.kv_type_on(device))
 
     return {
         "gen": pick(gen.DEFAULTS),
         "stream_one_session": pick(stream.DEFAULTS),
         "stream_several_sessions": pick(stream.DEFAULTS),
-        "gen_kv": kv(gen.DEFAULTS),
-        "stream_kv": kv(stream.DEFAULTS),  # f16 instead where a model's head size rules it out
+        "gen_kv": gen.DEFAULTS.kv_type_on(device),
+        "stream_kv": stream.DEFAULTS.kv_type_on(device),  # f16 instead where a model's head size rules it out
         "why": "one attention kind and one KV type per guard, whatever the load, so scores do not "
                "depend on other requests (docs/performance.md); flash attention computes each token "
                "over its own sequence's cells (option: flash_attn=False, faster at long contexts on "

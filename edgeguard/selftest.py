@@ -74,9 +74,9 @@ def run(folder: Path, device: str) -> dict:
     choice = choose_device(device)
     rows = np.random.default_rng(1).standard_normal((BATCH, HIDDEN)).astype(np.float32)
     t0 = time.perf_counter()
-    kv = DEFAULTS.kv_type if choice.device == "cpu" else DEFAULTS.gpu_kv_type
     with Backend(q4, n_ctx=256, mode="embeddings", n_batch=64, n_threads=None, n_gpu_layers=choice.n_gpu_layers,
-                 repack=True, flash_attn=True, kv_type=kv, kv_fallback="f16") as backend:
+                 repack=True, flash_attn=True, kv_type=DEFAULTS.kv_type_on(choice.device),
+                 kv_fallback="f16") as backend:
         hidden = backend.eval(embd=rows, outputs=range(BATCH))
         step = backend.eval(embd=rows[:1], outputs=(0,))
         return {

@@ -93,6 +93,10 @@ class Defaults:
     long_batch: int = 64  # the same past LONG_CTX cells with plain attention (see _batch_for)
     runtime_mb: float = RUNTIME_MB  # what max_memory_mb reserves besides the weights and the KV cache
 
+    def kv_type_on(self, device: str) -> str:
+        """The default KV type on ``device`` ("cpu" or "gpu")."""
+        return self.kv_type if device == "cpu" else self.gpu_kv_type
+
 
 def grown_size(current: int, needed: int, limit: int) -> int:
     """The next context size: 1.5x steps, 1.1x past LONG_CTX, in multiples of 256 (llama.cpp
@@ -117,7 +121,7 @@ class Engine:
         self.options = options
         self.gguf = Path(gguf)
         self.device = choose_device(options.device, n_gpu_layers=options.n_gpu_layers)
-        self.default_kv_type = defaults.kv_type if self.device.device == "cpu" else defaults.gpu_kv_type
+        self.default_kv_type = defaults.kv_type_on(self.device.device)
         self.kv_type = choose_kv_type(options.kv_type, self.default_kv_type)
         self.repack = defaults.repack if options.repack is None else options.repack
         self.defaults = defaults
@@ -164,11 +168,11 @@ class Engine:
 
     def _fix_kv(self, kv: str, size: int) -> None:
         """Set the guard's KV type (and the attention kind that goes with it) on an empty context."""
-        assert self.backend is not None  # called from __init__ on a new, empty backend
-        if kv != self.kv_type or size != self.backend.n_ctx:
-            self.kv_type = kv
-            self.flash_attn = choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn,
-                                                self.device.device, kv)
+        b = self.backend
+        assert b is not None  # called from __init__ on a new, empty backend
+        self.kv_type = kv
+        self.flash_attn = choose_flash_attn(self.options.flash_attn, self.defaults.flash_attn, self.device.device, kv)
+        if (kv, self.flash_attn, size) != (b.kv_type, b.flash_attn, b.n_ctx):  # else the context is this already
             self._reshape(size)
 
     def _check_cap(self, what: str) -> None:

@@ -204,8 +204,8 @@ class GenGuard(EngineStats):
         """``_extend`` for read-outs: a read-out a lone check would have speculated (its tokens
         decoded in the wide label call) in a wide call, any other in narrow ones, so each
         conversation's read-out takes the same kernels alone and in a batch (batch invariance)
-        and a wrong guess costs a few-token call (~70 ms for the 0.6B on 2 cores) instead of a
-        padded wide one (~95 ms)."""
+        and a wrong guess costs a few-token call instead of a padded wide one (the 0.6B on a
+        2-core Intel Xeon: 74-77 against 106-126 ms, docs/performance.md)."""
         out = {}
         for wide in (True, False):
             part = {seq: tokens for seq, tokens in wanted.items() if (seq in speculated) == wide}

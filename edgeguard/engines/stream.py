@@ -39,11 +39,11 @@ _PROBE = "\ue000edgeguard-response\ue001"
 # values in f16: a step reads half the key bytes (one session on a 2-core Intel Xeon: 0.70x the
 # time of f16 keys at 7,000 cached tokens, 0.93x at 100; the cache 0.77x the memory), and
 # llama.cpp's flash attention takes its per-query kernel for keys and values of different
-# types, so scores stay batch-invariant; the scores
-# move ~2x as far from the PyTorch oracle as with f16 keys (2.5e-3 against 1.1e-3 on the tiny
-# random fixture, tests/test_stream.py). A model whose head size q8_0's blocks of 32 do not
-# divide, and a GPU, take f16. A q8_0 cache (quantized values too) saves more memory but makes
-# a step slower than f16 (docs/long-inputs.md). llama.cpp's repacked weights are on (a step ~25%
+# types, so scores stay batch-invariant; the scores move ~2x as far from the PyTorch oracle as
+# with f16 keys (2.5e-3 against 1.1e-3 on the tiny random fixture, tests/test_stream.py). A
+# model whose head size q8_0's blocks of 32 do not divide, and a GPU, take f16. A q8_0 cache
+# (quantized values too) saves more memory but makes a step slower than f16
+# (docs/long-inputs.md). llama.cpp's repacked weights are on (a step ~25%
 # faster on an Intel Xeon, ~1% on an AMD EPYC; ``decode_shapes`` keeps their 4-token kernel off
 # streamed tokens); flash attention is on, one setting for the guard's life, so no session's
 # scores depend on others (``kernels.choose_flash_attn``).

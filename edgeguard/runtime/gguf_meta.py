@@ -171,7 +171,7 @@ def _count(value) -> int | None:
     """A whole-number value; a per-layer list whose entries are all the same counts as that."""
     if isinstance(value, list) and value and len(set(value)) == 1:
         value = value[0]
-    if isinstance(value, int) and not isinstance(value, (bool, list)):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
 
