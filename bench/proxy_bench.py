@@ -7,8 +7,10 @@
    at ``--rate`` words per second, read directly and through the proxy (Stream model as the
    guard). Ratios: total time (target <= 1.10x), time to first token (target: the upstream's
    plus one prompt check), largest gap between chunks (target: one Stream step plus the
-   upstream's own gap). One Stream step and one prompt check are timed in-process after the
-   runs, with the same threads, and so are the guard's cost per token when tokens pile up and
+   upstream's own gap; and each gap against the upstream's gap plus a step at that point of the
+   answer, since a step grows with the tokens cached before it). One Stream step, a step at
+   every position of the answer and one prompt check are timed in-process after the runs, with
+   the same threads, and so are the guard's cost per token when tokens pile up and
    the floor on the total that it sets, and a full garbage collection's pause with the guard
    loaded, over the whole heap and with the startup objects frozen as `serve` does. ``--compare-spin`` also runs the proxy with OpenMP's spinning
    wait (``OMP_WAIT_POLICY=ACTIVE``, llama.cpp's default; ``serve --upstream`` sets PASSIVE).
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import socket
@@ -40,12 +43,12 @@ SAFE = "Stir the soup slowly. Put the seeds into warm soil. Start by reading the
 
 def timed_stream(url: str, body: dict) -> dict:
     """Read one streamed chat completion: total, first content chunk, largest and median gap
-    between content chunks (seconds), the chunks, and where the three largest gaps fell (chunk
-    index, gap)."""
+    between content chunks (seconds), the chunks, where the three largest gaps fell (chunk
+    index, gap), and each content chunk's arrival (seconds) and end in the text (characters)."""
     import httpx
 
     t0 = time.perf_counter()
-    stamps, text = [], []
+    stamps, text, ends = [], [], []
     with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -56,12 +59,14 @@ def timed_stream(url: str, body: dict) -> dict:
             if piece:
                 stamps.append(time.perf_counter() - t0)
                 text.append(piece)
+                ends.append(len(piece) + (ends[-1] if ends else 0))
     total = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     largest = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:3]
     return {"total_s": total, "ttft_s": stamps[0] if stamps else None, "max_gap_s": max(gaps, default=0.0),
             "median_gap_s": statistics.median(gaps) if gaps else 0.0, "chunks": len(stamps),
-            "largest_gaps": [(i + 1, round(gaps[i], 4)) for i in largest], "chars": len("".join(text))}
+            "largest_gaps": [(i + 1, round(gaps[i], 4)) for i in largest], "chars": len("".join(text)),
+            "stamps": stamps, "ends": ends}
 
 
 def free_port() -> int:
@@ -110,10 +115,12 @@ PROMPT = "How do I bake a lemon cake?"
 KEYS = ("total_s", "ttft_s", "max_gap_s")
 
 
-def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
+def guard_costs(stream_model: str, threads: int, answer: str, reps: int = 7) -> dict:
     """One Stream step (a one-token feed), one prompt check, and the guard's throughput when
     tokens pile up (a step of 2 and of 32 tokens: its fixed part and its cost per token),
-    medians, in-process."""
+    medians, in-process; and a step at every position of ``answer`` (fed one token at a time
+    after the bench's prompt, as the proxy's session is) with the character where each of its
+    tokens ends: a step grows with the tokens cached before it."""
     from statistics import median
 
     from edgeguard.loader import load
@@ -133,6 +140,14 @@ def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
                 t0 = time.perf_counter()
                 session.feed([token])
                 steps.append(time.perf_counter() - t0)
+        along, token_ends = [], []
+        with guard.session(PROMPT) as session:
+            for token in guard.response_tokens(answer):
+                t0 = time.perf_counter()
+                session.feed([token])
+                along.append(time.perf_counter() - t0)
+                token_ends.append(len(guard.vocab.piece(token).decode("utf-8", "replace"))
+                                  + (token_ends[-1] if token_ends else 0))
         ids = guard.response_tokens(SAFE * 12)
         pieces: dict[int, list[float]] = {2: [], 32: []}
         for _ in range(3):
@@ -144,7 +159,31 @@ def guard_costs(stream_model: str, threads: int, reps: int = 7) -> dict:
     per_token = (median(pieces[32]) - median(pieces[2])) / 30
     return {"prompt_check_s": median(checks), "step_s": median(steps), "step_max_s": max(steps),
             "step_2_s": median(pieces[2]), "step_32_s": median(pieces[32]), "per_token_s": per_token,
-            "tokens_per_s": 32 / median(pieces[32]), "gc_full_ms": pauses}
+            "tokens_per_s": 32 / median(pieces[32]), "gc_full_ms": pauses,
+            "step_first_s": median(along[:21]), "step_last_s": median(along[-21:]),
+            "steps_along": along, "token_ends": token_ends}
+
+
+def local_gaps(run: dict, along: dict, upstream_gap: float, window: int = 5) -> dict:
+    """Each gap between a run's chunks against its own limit: the upstream's largest gap plus one
+    Stream step at that point of the answer (the median of the in-process steps within ``window``
+    tokens of the chunk's last token). The worst excess over the limit (ms; negative: every gap
+    within it), where, and how many gaps exceeded it."""
+    steps, ends = along["steps_along"], along["token_ends"]
+    worst: tuple[float, int, float, float] | None = None
+    over = 0
+    for i in range(1, len(run["stamps"])):
+        gap = run["stamps"][i] - run["stamps"][i - 1]
+        j = min(bisect.bisect_left(ends, run["ends"][i]), len(steps) - 1)
+        step = statistics.median(steps[max(0, j - window): j + window + 1])
+        excess = gap - (upstream_gap + step)
+        over += excess > 0
+        if worst is None or excess > worst[0]:
+            worst = (excess, i, gap, step)
+    if worst is None:
+        return {"gaps": 0}
+    return {"worst_excess_ms": round(worst[0] * 1e3, 1), "at_chunk": worst[1], "gap_ms": round(worst[2] * 1e3, 1),
+            "step_there_ms": round(worst[3] * 1e3, 1), "gaps_over": over, "gaps": len(run["stamps"]) - 1}
 
 
 def full_collections(reps: int) -> dict:
@@ -178,6 +217,7 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
     body = {"model": "llm", "messages": [{"role": "user", "content": PROMPT}]}
     variants = {"proxy": {}, **({"proxy_spinning": {"OMP_WAIT_POLICY": "ACTIVE"}} if spin else {})}
     out: dict = {"tokens": tokens, "rate": rate, "threads": threads}
+    runs_of: dict[str, list[dict]] = {}
     with ScriptedUpstream(lambda b: Reply(answer, delay=1.0 / rate)) as up:
         direct = [timed_stream(up.url, body) for _ in range(runs)]
         out["direct"] = best = {k: min(r[k] for r in direct) for k in KEYS}
@@ -189,6 +229,7 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
             finally:
                 proc.terminate()
                 proc.wait(60)
+            runs_of[name] = guarded
             ours = {k: min(r[k] for r in guarded) for k in KEYS}
             out[name] = {**ours, "total_ratio": ours["total_s"] / best["total_s"],
                          "ttft_added_ms": (ours["ttft_s"] - best["ttft_s"]) * 1e3,
@@ -197,10 +238,13 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
                          "runs": [{k: r[k] for k in ("max_gap_s", "median_gap_s", "chunks", "largest_gaps")}
                                   for r in guarded],
                          "same_text": all(r["chars"] == direct[0]["chars"] for r in guarded)}
-    costs = guard_costs(stream_model, threads)
+    costs = guard_costs(stream_model, threads, "".join(answer))
+    along = {k: costs.pop(k) for k in ("steps_along", "token_ends")}
     out["guard"] = costs
     out["targets"] = {"total_ratio": 1.10, "ttft_s": best["ttft_s"] + costs["prompt_check_s"],
                       "max_gap_s": best["max_gap_s"] + costs["step_s"]}
+    for name, guarded in runs_of.items():
+        out[name]["gaps_against_local_step"] = [local_gaps(r, along, best["max_gap_s"]) for r in guarded]
     # When the upstream sends tokens faster than the guard judges them (its cost per token above
     # the upstream's interval) no scheduling meets 1.10x: the answer ends no sooner than the
     # prompt check plus every token at the guard's cost per token.
