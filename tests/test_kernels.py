@@ -149,6 +149,11 @@ def test_kv_type_choice():
     assert choose_kv_type(None, "q8_0-keys", fits=lambda kv: kv == "q8_0") == "q8_0"
     assert choose_kv_type(None, "q8_0-keys", fits=lambda kv: False) == "q8_0"
     assert choose_kv_type(None, "q8_0-keys", usable=lambda kv: kv == "f16", fits=lambda kv: False) == "f16"
+    # on a GPU, mixed key and value types are not taken under a budget (CUDA converts them to f16)
+    assert choose_kv_type(None, "f16", fits=lambda kv: kv != "f16", device="gpu") == "q8_0"
+    assert choose_kv_type(None, "f16", fits=lambda kv: False, device="gpu") == "q8_0"
+    assert choose_kv_type(None, "f16", usable=lambda kv: kv == "f16", fits=lambda kv: False, device="gpu") == "f16"
+    assert choose_kv_type("q8_0-keys", "f16", device="gpu") == "q8_0-keys"  # asked
 
 
 @pytest.mark.parametrize("head,ok", [(128, ("f16", "q8_0-keys", "q8_0")), (64, ("f16", "q8_0-keys", "q8_0")),

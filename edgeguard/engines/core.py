@@ -149,7 +149,7 @@ class Engine:
         budget = options.max_memory_mb
         assert b is not None and budget is not None  # called from __init__, with a budget, on a new backend
         candidates = [options.kv_type] if options.kv_type else [
-            kv for kv in kv_preference(self.default_kv_type)
+            kv for kv in kv_preference(self.default_kv_type, self.device.device)
             if not b.kv_problem(kv) and (kv != "q8_0" or options.flash_attn is not False)]
         try:
             plan = plan_memory(budget, weights_mb=b.weights_mb,
@@ -163,7 +163,7 @@ class Engine:
             raise
         # One KV type for the guard's life: the one that holds its largest context under the budget.
         kv = choose_kv_type(options.kv_type, self.default_kv_type, usable=lambda k: k in plan.caps,
-                            fits=lambda k: plan.caps[k] >= plan.max_tokens)
+                            fits=lambda k: plan.caps[k] >= plan.max_tokens, device=self.device.device)
         self._fix_kv(kv, min(self.max_cached, defaults.initial_ctx))
 
     def _fix_kv(self, kv: str, size: int) -> None:

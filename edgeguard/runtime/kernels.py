@@ -224,22 +224,26 @@ def kv_type_problem(kv_type: str, head_k: int, head_v: int) -> str | None:
     return None
 
 
-def kv_preference(default: str) -> list[str]:
+def kv_preference(default: str, device: str = "cpu") -> list[str]:
     """KV types in the order a guard takes them: its default, then smaller ones, then f16 (which
-    every head size can use)."""
-    return list(dict.fromkeys([default, "q8_0-keys", "q8_0", "f16"]))
+    every head size can use). On a GPU, keys and values of different types are left out unless
+    they are the default: llama.cpp's CUDA build compiles flash attention for equal types only
+    (``GGML_CUDA_FA_QUANTS``: q4_0, q8_0, f16, bf16 pairs) and converts any other pair to f16 at
+    every step, so ``q8_0-keys`` would be slower than ``q8_0`` and save less."""
+    smaller = ["q8_0-keys", "q8_0"] if device != "gpu" else ["q8_0"]
+    return list(dict.fromkeys([default, *smaller, "f16"]))
 
 
-def choose_kv_type(asked: str | None, default: str, *, usable=None, fits=None) -> str:
+def choose_kv_type(asked: str | None, default: str, *, usable=None, fits=None, device: str = "cpu") -> str:
     """The KV cache's type, one per guard (never changed by load or growth, so a conversation's
     scores do not depend on when its neighbours made the context grow): as asked; else
     ``default`` when it ``fits`` (a memory budget for the guard's largest context; None: all
-    do); else the first that fits of q8_0 keys (0.77x of f16's bytes), q8_0 (0.53x) and f16;
-    none fitting, the smallest. ``usable(kv)`` (None: all are) drops the types this model's
-    head size rules out."""
+    do); else the first that fits of q8_0 keys (0.77x of f16's bytes; not on a GPU:
+    ``kv_preference``), q8_0 (0.53x) and f16; none fitting, the smallest. ``usable(kv)`` (None:
+    all are) drops the types this model's head size rules out."""
     if asked:
         return asked
-    order = [kv for kv in kv_preference(default) if usable is None or usable(kv)]
+    order = [kv for kv in kv_preference(default, device) if usable is None or usable(kv)]
     for kv in order:
         if fits is None or fits(kv):
             return kv
