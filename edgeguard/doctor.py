@@ -250,7 +250,7 @@ def _fit_lines(fit: dict | None) -> list[str]:
     lines = []
     for row in fit["fits"]:
         model = row["model"]
-        need = model and (model["ram_mb"] if row["where"] == "ram" else model["weights_mb"] + model["kv_mb"])
+        need = model and (model["ram_mb"] if row["where"] == "ram" else model["gpu_mb"])
         what = (f"{model['name']} {model['quant']} (~{need} MB)" if model else
                 f"none of {', '.join(row['considered'])}")
         lines.append(f"fits {row['place']:<9} {row['kind']:<6} {what}, of {row['available_mb']} MB available "

@@ -86,6 +86,20 @@ def test_footprint_adds_up():
         footprint(shape, "gen", "q3_k")
 
 
+def test_stream_footprint_counts_its_cpu_cache():
+    """Stream's KV cache on a CPU holds q8_0 keys (34 bytes a block of 32) and f16 values, on a
+    GPU f16 both: RAM counts the first, GPU memory the second (the engines' defaults)."""
+    from edgeguard.engines import stream
+
+    assert stream.DEFAULTS.kv_type_on("cpu") == "q8_0-keys" and stream.DEFAULTS.kv_type_on("gpu") == "f16"
+    shape = load_registry()["stream-0.6b"].shape
+    f = footprint(shape, "stream", "q4_k_m", ctx_tokens=1000)
+    values = 1000 * shape.layers * shape.kv_heads * shape.head_dim  # of keys, and as many of values
+    assert f.kv_bytes == int(values * 34 / 32 + values * 2)
+    assert f.gpu_bytes == f.weights_bytes + values * 2 * 2
+    assert f.ram_bytes == f.weights_bytes + f.kv_bytes + RUNTIME_MB["stream"] * MB
+
+
 def _feet(ram_mb: dict[str, float]) -> list[Footprint]:
     return [Footprint(name, name.split("-")[0], "q4_k_m", 0, int(mb * MB), 0, 0, 0) for name, mb in ram_mb.items()]
 

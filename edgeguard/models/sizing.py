@@ -25,7 +25,9 @@ TOKENIZER_BYTES = 5_930_000
 # What an engine uses besides weights and KV cache (edgeguard.runtime.kernels.RUNTIME_MB for Gen,
 # the Stream engine's Defaults.runtime_mb for Stream: both measured, see docs/long-inputs.md).
 RUNTIME_MB = {"gen": 200, "stream": 300}
-KV_VALUE_BYTES = 2  # an f16 KV cache: Gen's; an upper bound for Stream's q8_0 keys on a CPU (0.77x)
+KV_VALUE_BYTES = 2  # an f16 KV cache: Gen's, and Stream's on a GPU
+# Stream's default cache on a CPU: q8_0 keys (34 bytes a block of 32) and f16 values
+STREAM_CPU_KV_VALUE_BYTES = (34 / 32 + KV_VALUE_BYTES) / 2
 DEFAULT_CTX = 2048  # a Gen check of ~300 template tokens plus a long input; a Stream session
 STREAM_DUMMY_VOCAB = 8  # rows of the placeholder embedding in the Stream backbone GGUF
 MB = 2**20
@@ -165,9 +167,10 @@ class Footprint:
     quant: str
     disk_bytes: int
     weights_bytes: int  # resident weights (the model GGUF's tensors; Stream: + the f32 heads)
-    kv_bytes: int  # f16 KV cache of ctx_tokens cells
+    kv_bytes: int  # KV cache of ctx_tokens cells on the CPU (the engine's default type there)
     runtime_bytes: int
     ctx_tokens: int
+    gpu_kv_bytes: int | None = None  # the same on a GPU (f16); None: as on the CPU
 
     @property
     def ram_bytes(self) -> int:
@@ -184,12 +187,13 @@ class Footprint:
     @property
     def gpu_bytes(self) -> int:
         """What a full offload puts in GPU memory: weights and KV cache (compute buffers aside)."""
-        return self.weights_bytes + self.kv_bytes
+        return self.weights_bytes + (self.kv_bytes if self.gpu_kv_bytes is None else self.gpu_kv_bytes)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "quant": self.quant, "ctx_tokens": self.ctx_tokens,
                 "disk_mb": round(self.disk_mb), "ram_mb": round(self.ram_mb),
-                "weights_mb": round(self.weights_bytes / MB), "kv_mb": round(self.kv_bytes / MB)}
+                "weights_mb": round(self.weights_bytes / MB), "kv_mb": round(self.kv_bytes / MB),
+                "gpu_mb": round(self.gpu_bytes / MB)}
 
 
 def footprint(s: ModelShape, kind: str, quant: str, *, name: str = "", ctx_tokens: int = DEFAULT_CTX) -> Footprint:
@@ -206,8 +210,9 @@ def footprint(s: ModelShape, kind: str, quant: str, *, name: str = "", ctx_token
         embeddings = s.vocab * s.hidden * 2
         disk += heads + embeddings + TOKENIZER_BYTES
         weights += heads
-    return Footprint(name, kind, quant, disk, weights, int(s.kv_bytes_per_token() * ctx_tokens),
-                     RUNTIME_MB[kind] * MB, ctx_tokens)
+    cpu_values = STREAM_CPU_KV_VALUE_BYTES if kind == "stream" else KV_VALUE_BYTES
+    return Footprint(name, kind, quant, disk, weights, int(s.kv_bytes_per_token(cpu_values) * ctx_tokens),
+                     RUNTIME_MB[kind] * MB, ctx_tokens, int(s.kv_bytes_per_token() * ctx_tokens))
 
 
 @dataclass(frozen=True)
