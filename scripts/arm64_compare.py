@@ -26,10 +26,16 @@ from pathlib import Path
 # Largest allowed |x86 - arm64| of any probability, per engine and quant. The x86 and arm64 runs measured, on
 # the same kind of fixtures: Gen 0.001 (F16) to 0.022 (Q8_0, response mode); Stream per token
 # 0.005 (F16), 0.009 (Q8_0), 0.018 (Q4_K_M). Q4_0 was not measured there; its bound is this
-# script's own measurement (see docs/hardware.md) with the same headroom.
+# script's own measurement (see docs/hardware.md) with the same headroom. Stream gets STREAM_KEYS
+# more at every quant: its CPU cache keeps keys in q8_0, and each side rounds slightly
+# different keys to 8 bits, so a key can land one step apart; the whole quantization of the keys
+# moves a score by at most that much on these fixtures (x86: 2.5e-3 from the PyTorch oracle
+# against 1.1e-3 with f16 keys, `pytest tests/test_stream.py -k response_tokens_match -s`).
+STREAM_KEYS = 0.0025
 TOLERANCE = {
     "gen": {"f16": 0.001, "q8_0": 0.022, "q4_k_m": 0.022, "q4_0": 0.022},
-    "stream": {"f16": 0.005, "q8_0": 0.009, "q4_k_m": 0.018, "q4_0": 0.018},
+    "stream": {"f16": 0.005 + STREAM_KEYS, "q8_0": 0.009 + STREAM_KEYS, "q4_k_m": 0.018 + STREAM_KEYS,
+               "q4_0": 0.018 + STREAM_KEYS},
 }
 QUANTS_TRAINED = ("q4_k_m", "q8_0", "f16")  # the order tests/ convert them in: a shared cache entry
 QUANTS_RANDOM = ("f16", "q8_0", "q4_k_m", "q4_0")
@@ -222,11 +228,11 @@ def compare(x86: dict, arm: dict):
         repack = y["buffers"].get("CPU_REPACK", 0.0)
         tied = f", {ties} near-tie swap{'s' * (ties != 1)}" if ties else ""
         yield (
-            f"{key:<21} {n:>10}  max |diff| {worst:.4f} (tolerance {tol}{tied})  "
+            f"{key:<21} {n:>10}  max |diff| {worst:.4f} (tolerance {tol:g}{tied})  "
             f"arm64: CPU_REPACK {repack:.1f} MiB, {y['seconds']} s"
         )
         if worst > tol:
-            raise Miss(f"{key}: max score difference {worst:.4f} > tolerance {tol}")
+            raise Miss(f"{key}: max score difference {worst:.4f} > tolerance {tol:g}")
 
 
 def main(argv: list[str]) -> int:
