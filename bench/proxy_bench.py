@@ -248,10 +248,7 @@ def scripted(stream_model: str, tokens: int, rate: float, threads: int, runs: in
     # When the upstream sends tokens faster than the guard judges them (its cost per token above
     # the upstream's interval) no scheduling meets 1.10x: the answer ends no sooner than the
     # prompt check plus every token at the guard's cost per token.
-    from edgeguard.loader import load
-
-    with load(stream_model, engine="stream", policy=allow_all(), n_threads=threads) as guard:
-        n = len(guard.response_tokens("".join(answer)))
+    n = len(along["steps_along"])  # the answer's tokens, each stepped once above
     out["answer_tokens"] = n
     out["upstream_tokens_per_s"] = n / best["total_s"]
     out["floor_total_ratio"] = max(1.0, (costs["prompt_check_s"] + n * costs["per_token_s"]) / best["total_s"])

@@ -26,8 +26,9 @@ TOKENIZER_BYTES = 5_930_000
 # the Stream engine's Defaults.runtime_mb for Stream: both measured, see docs/long-inputs.md).
 RUNTIME_MB = {"gen": 200, "stream": 300}
 KV_VALUE_BYTES = 2  # an f16 KV cache: Gen's, and Stream's on a GPU
-# Stream's default cache on a CPU: q8_0 keys (34 bytes a block of 32) and f16 values
-STREAM_CPU_KV_VALUE_BYTES = (34 / 32 + KV_VALUE_BYTES) / 2
+# bytes per cached value of each KV type (q8_0: 34 bytes a block of 32; q8_0-keys: q8_0 keys, f16 values)
+KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}
+STREAM_CPU_KV = "q8_0-keys"  # Stream's default cache on a CPU (edgeguard.engines.stream.DEFAULTS)
 DEFAULT_CTX = 2048  # a Gen check of ~300 template tokens plus a long input; a Stream session
 STREAM_DUMMY_VOCAB = 8  # rows of the placeholder embedding in the Stream backbone GGUF
 MB = 2**20
@@ -210,7 +211,7 @@ def footprint(s: ModelShape, kind: str, quant: str, *, name: str = "", ctx_token
         embeddings = s.vocab * s.hidden * 2
         disk += heads + embeddings + TOKENIZER_BYTES
         weights += heads
-    cpu_values = STREAM_CPU_KV_VALUE_BYTES if kind == "stream" else KV_VALUE_BYTES
+    cpu_values = KV_BYTES[STREAM_CPU_KV] if kind == "stream" else KV_VALUE_BYTES
     return Footprint(name, kind, quant, disk, weights, int(s.kv_bytes_per_token(cpu_values) * ctx_tokens),
                      RUNTIME_MB[kind] * MB, ctx_tokens, int(s.kv_bytes_per_token() * ctx_tokens))
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from edgeguard.errors import RuntimeFailure, UsageError
+from edgeguard.models.sizing import KV_BYTES as KV_BYTES  # re-exported: bytes per cached value
 from edgeguard.platform.builds import CUDA_INSTALL as CUDA_INSTALL  # re-exported
 from edgeguard.platform.builds import gpu_build_advice
 
@@ -250,7 +251,6 @@ def choose_kv_type(asked: str | None, default: str, *, usable=None, fits=None, d
     return min(order, key=KV_BYTES.__getitem__) if order else default
 
 
-KV_BYTES = {"f16": 2.0, "q8_0-keys": (2.0 + 34 / 32) / 2, "q8_0": 34 / 32}  # bytes per cached value
 RUNTIME_MB = 200  # besides weights and KV: compute buffers, Python (Gen ~150-200 MB; Stream: its Defaults)
 
 
